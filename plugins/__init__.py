@@ -1,0 +1,1 @@
+"""Custom ops for beam drafting and packed verification."""

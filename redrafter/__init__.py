@@ -1,0 +1,1 @@
+"""ReDrafter speculative decoding: engine builder and runtime."""

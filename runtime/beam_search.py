@@ -1,0 +1,52 @@
+"""Beam drafting with the recurrent head.
+
+Convention: beam_length L counts the guaranteed token (Apple's convention), so each beam
+holds the base model's own next token followed by L-1 drafted tokens. TensorRT-LLM's
+draft_len_per_beam is L-1.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .drafter import DraftHead
+
+# Scores of beams that must not be expanded on the first step: low enough that no real
+# candidate loses to them, finite so sums stay finite.
+_DEAD = -1e9
+
+
+def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | None, context: Tensor,
+                first_token: Tensor, width: int, length: int,
+                return_log_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Propose `width` beams of `length` tokens for each sequence.
+
+    embed: base input embedding [V, H]; base_lm_head: base LM head [V, H] (shared head);
+    context: hidden state at the last accepted token [B, H]; first_token: the guaranteed
+    next token [B]. Scores are cumulative log-probabilities (no length normalisation);
+    the first step expands beam 0 only, since all beams start identical.
+    Returns beams [B, W, L] and, if asked, the per-step draft log-probs [B, W, L-1, V]
+    (aligned with each returned beam's own history).
+    """
+    b, w = first_token.shape[0], width
+    beams = first_token[:, None, None].expand(b, w, 1)
+    scores = torch.full((b, w), _DEAD, device=context.device)
+    scores[:, 0] = 0.0
+    state = context.new_zeros(b, w, context.shape[-1])
+    tokens = beams[:, :, 0]
+    ctx = context[:, None, :]
+    history: list[Tensor] = []
+    for _ in range(length - 1):
+        state = head.step(state, embed[tokens])
+        logp = torch.log_softmax(head.logits(ctx, state, base_lm_head), dim=-1)  # [B, W, V]
+        vocab = logp.shape[-1]
+        cand = (scores[:, :, None] + logp).view(b, w * vocab)
+        scores, flat = cand.topk(w, dim=-1)  # [B, W]
+        parent, tokens = flat // vocab, flat % vocab
+        state = state.gather(1, parent[:, :, None].expand_as(state))
+        beams = torch.cat((beams.gather(1, parent[:, :, None].expand_as(beams)), tokens[:, :, None]), dim=2)
+        if return_log_probs:
+            history = [h.gather(1, parent[:, :, None].expand_as(h)) for h in history]
+            history.append(logp.gather(1, parent[:, :, None].expand_as(logp)))
+    log_probs = torch.stack(history, dim=2) if return_log_probs and history else None
+    return beams, log_probs

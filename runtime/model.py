@@ -1,0 +1,264 @@
+"""A compact Llama-family decoder with a static KV cache and tree-masked forward.
+
+One forward serves prefill (causal mask), plain decoding (one token) and packed
+verification (a tree mask over the candidate tokens): the caller passes the tokens,
+their position ids and a [B, T, T] mask among the new tokens; every new token also
+sees the committed context of its sequence. New keys/values are written into the
+cache right after the committed context (a scratch area); `KVCache.commit` later
+moves the accepted ones into place, so rejected entries are never visible.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias, as in Qwen2
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
+        """Read a transformers config.json (llama, mistral, qwen2 model types)."""
+        arch = hf.get("model_type", "llama")
+        if arch not in ("llama", "mistral", "qwen2"):
+            raise ValueError(
+                f"unsupported base model type {arch!r}: redrafter runs Llama-family models "
+                "(llama, mistral, qwen2)"
+            )
+        heads = hf["num_attention_heads"]
+        eos = hf.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling(hf),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=hf.get("attention_bias", arch == "qwen2"),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+    rs = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    return None if kind == "default" else dict(rs, rope_type=kind)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> Tensor:
+    """Inverse frequencies [head_dim/2], with Llama-3 or linear scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.float()
+    kind = rs["rope_type"]
+    if kind == "linear":
+        return (inv / rs["factor"]).float()
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope scaling {kind!r} (supported: linear, llama3)")
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    orig = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > orig / lo, inv / factor, inv)
+    smooth = (orig / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / hi) & (wavelen <= orig / lo)
+    return torch.where(medium, smoothed, scaled).float()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, heads, d]; cos/sin [B, T, 1, d] (rotate-half layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for every layer and batch slot.
+
+    k, v: [layers, slots, capacity, kv_heads, head_dim]. Committed lengths are kept by
+    the caller; positions past a sequence's committed length are scratch space.
+    """
+
+    def __init__(self, cfg: LlamaConfig, slots: int, capacity: int, dtype: torch.dtype, device: torch.device):
+        shape = (cfg.num_layers, slots, capacity, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    def commit(self, slots: Tensor, starts: Tensor, src: Tensor) -> None:
+        """Move scratch entries starts+src[:, i] to starts+i for every layer.
+
+        slots, starts: [B]; src: [B, n] offsets into the scratch area (src[:, i] >= i).
+        Gathering before scattering makes the overlapping move safe.
+        """
+        n = src.shape[1]
+        rows = slots[:, None].expand(-1, n)
+        src_pos = starts[:, None] + src
+        dst_pos = starts[:, None] + torch.arange(n, device=src.device)
+        for cache in (self.k, self.v):
+            cache[:, rows, dst_pos] = cache[:, rows, src_pos]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.wq = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.wk = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.wv = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.wo = nn.Linear(cfg.num_heads * d, h, bias=False)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache,
+                rows: Tensor, write_pos: Tensor, mask: Tensor) -> Tensor:
+        """x [B, T, H]; rows/write_pos [B, T] cache coordinates; mask [B, T, S]."""
+        b, t, _ = x.shape
+        c = self.cfg
+        q = apply_rope(self.wq(x).view(b, t, c.num_heads, c.head_dim), *rope)
+        k = apply_rope(self.wk(x).view(b, t, c.num_kv_heads, c.head_dim), *rope)
+        v = self.wv(x).view(b, t, c.num_kv_heads, c.head_dim)
+        cache.k[layer, rows, write_pos] = k.to(cache.k.dtype)
+        cache.v[layer, rows, write_pos] = v.to(cache.v.dtype)
+        s = mask.shape[-1]
+        keys = cache.k[layer, :, :s].index_select(0, rows[:, 0])  # [B, S, kv, d]
+        vals = cache.v[layer, :, :s].index_select(0, rows[:, 0])
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
+            attn_mask=mask[:, None], enable_gqa=c.num_heads != c.num_kv_heads,
+        )
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope, layer: int, cache: KVCache, rows, write_pos, mask) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, layer, cache, rows, write_pos, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def attention_mask(starts: Tensor, tree_mask: Tensor, span: int) -> Tensor:
+    """[B, T, span] visibility: the committed context [0, start) plus the new tokens'
+    own tree mask placed at [start, start + T). Stale scratch entries stay hidden."""
+    t = tree_mask.shape[-1]
+    rel = torch.arange(span, device=starts.device)[None, :] - starts[:, None]  # [B, S]
+    in_new = (rel >= 0) & (rel < t)
+    idx = rel.clamp(0, t - 1)[:, None, :].expand(-1, tree_mask.shape[1], -1)
+    new = torch.gather(tree_mask, 2, idx) & in_new[:, None, :]
+    return (rel < 0)[:, None, :] | new
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def new_cache(self, slots: int, capacity: int) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, slots, capacity, p.dtype, p.device)
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
+                starts: Tensor, tree_mask: Tensor) -> Tensor:
+        """Run new tokens against the cache and return final-norm hidden states [B, T, H].
+
+        tokens, positions: [B, T]; slots, starts: [B] (cache row, committed length);
+        tree_mask: [B, T, T] bool, which new tokens each new token sees (itself included).
+        The new keys/values land at starts + [0, T) of each slot.
+        """
+        b, t = tokens.shape
+        span = int(starts.max()) + t
+        if span > cache.capacity:
+            raise ValueError(f"sequence needs {span} cache positions but the cache holds {cache.capacity}")
+        rows = slots[:, None].expand(b, t)
+        write_pos = starts[:, None] + torch.arange(t, device=tokens.device)
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+        x = self.embed(tokens)
+        rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
+        mask = attention_mask(starts, tree_mask, span)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, i, cache, rows, write_pos, mask)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()
+
+
+def causal_mask(b: int, t: int, device: torch.device | str | None = None) -> Tensor:
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()[None].expand(b, t, t)

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Llama (GQA) in two flavours and the real SmolLM2."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from redrafter.runtime.drafter import DraftHead, DrafterConfig
+from redrafter.runtime.model import Llama, LlamaConfig
+
+
+def tiny_config(tied: bool = False, vocab: int = 97, **kw) -> LlamaConfig:
+    base = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=16, tie_word_embeddings=tied, rope_theta=10000.0, eos_token_ids=[])
+    return LlamaConfig(**(base | kw))
+
+
+def tiny_llama(tied: bool = False, seed: int = 0, **kw) -> Llama:
+    """A random Llama whose outputs vary with the prompt (weights drawn with a large std)."""
+    torch.manual_seed(seed)
+    model = Llama(tiny_config(tied, **kw))
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.3)
+    return model.eval().requires_grad_(False)
+
+
+def tiny_drafter(model: Llama, head: str = "own", seed: int = 1, **kw) -> DraftHead:
+    torch.manual_seed(seed)
+    cfg = DrafterConfig.for_base(model.cfg.vocab_size, model.cfg.hidden_size, head=head, **kw)
+    d = DraftHead(cfg)
+    for p in d.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return d.eval().requires_grad_(False)
+
+
+@pytest.fixture(params=[False, True], ids=["untied", "tied"])
+def tiny_model(request) -> Llama:
+    return tiny_llama(tied=request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (fp32), its tokenizer and HF directory."""
+    from redrafter.runtime.pipeline import load
+
+    return load("default", drafter=None)
+
+
+@pytest.fixture(scope="session")
+def mtbench_prompts() -> list[str]:
+    """First turns of the first four MT-Bench questions."""
+    from redrafter.datasets import mtbench_first_turns
+
+    return mtbench_first_turns(4)
