@@ -108,6 +108,48 @@ def hf_to_ours(name: str) -> str | None:
     return None
 
 
+def save_hf_checkpoint(model: Llama, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write `model` as an HF Llama directory (config.json + model.safetensors), copying the
+    tokenizer files from `tokenizer_dir`; the inverse of `load_base` for HF directories."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = model.cfg
+    config = {
+        "model_type": "qwen2" if c.attention_bias else "llama", "architectures": ["LlamaForCausalLM"],
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "rope_scaling": c.rope_scaling, "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias, "max_position_embeddings": c.max_position_embeddings,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_ids or None, "torch_dtype": "float32",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    inverse = {}
+    for name in _hf_names(c):
+        inverse[hf_to_ours(name)] = name
+    state = {inverse[k]: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in inverse}
+    save_file(state, str(out / "model.safetensors"))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+                shutil.copy2(f, out / f.name)
+    return out
+
+
+def _hf_names(c: LlamaConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not c.tie_word_embeddings:
+        names.append("lm_head.weight")
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
+        if c.attention_bias:
+            names += [f"{p}self_attn.{x}_proj.bias" for x in "qkv"]
+        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    return names
+
+
 def load_base(base: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu") -> tuple[Llama, Path]:
     """Load a Llama-family base model; returns the model (eval mode) and its HF directory."""

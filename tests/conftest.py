@@ -52,3 +52,26 @@ def mtbench_prompts() -> list[str]:
     from redrafter.datasets import mtbench_first_turns
 
     return mtbench_first_turns(4)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """HF directory of the real SmolLM2 (converted once from the packaged GGUF)."""
+    from redrafter.runtime.loading import resolve_base
+
+    return resolve_base("default")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, smollm2_dir):
+    """A tiny random Llama saved as an HF directory with SmolLM2's real tokenizer and chat
+    template (vocab 49152), plus a matching random shared-head drafter directory.
+    Returns (base_dir, drafter_dir)."""
+    from redrafter.runtime.drafter import save_drafter
+    from redrafter.runtime.loading import save_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_llama(tied=True, vocab=49152, eos_token_ids=[2], bos_token_id=1)
+    base = save_hf_checkpoint(model, root / "base", tokenizer_dir=smollm2_dir)
+    drafter = save_drafter(tiny_drafter(model, head="shared"), root / "drafter")
+    return base, drafter
