@@ -1,0 +1,196 @@
+"""`redrafter bench`: figures, the JSON/PNG it writes, the identical-output check, bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from redrafter.bench.metrics import agreement, figures, mismatches
+from redrafter.bench.systems import Run
+from redrafter.cli import main
+from redrafter.datasets import jsonl_prompts
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"prompt": "Write a haiku about autumn."}), json.dumps("What is 17 times 3?"),
+             json.dumps({"turns": ["Name three rivers in Europe.", "And in Asia?"]})]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _bench(tiny_hf_dir, prompt_file, tmp_path, *extra: str) -> list[str]:
+    base, drafter = tiny_hf_dir
+    return ["bench", "--base", str(base), "--drafter", str(drafter), "--dataset", str(prompt_file),
+            "--questions", "3", "--json", str(tmp_path / "bench.json"), *extra]
+
+
+# ---- figures and comparisons (no model) ----
+
+def test_figures_follow_the_paper_conventions():
+    # Two groups: 2 prompts decoded together, then 1 prompt; drafts of length 3 (L=4).
+    runs = [Run([[1, 2, 3, 4], [5, 6]], seconds=2.0, first_token_s=[0.1, 0.5], accepted_per_step=[[2], [0]]),
+            Run([[7, 8, 9, 10, 11]], seconds=1.0, first_token_s=[0.5], accepted_per_step=[[3]])]
+    f = figures(runs, draft_len=3)
+    assert f["prompts"] == 3 and f["tokens"] == 11 and f["seconds"] == 3.0
+    assert f["tok_per_s"] == pytest.approx(11 / 3.0)
+    # Decode-only: tokens after each first token over the time after each group's last first token.
+    assert f["prefill_seconds"] == pytest.approx(1.0)
+    assert f["decode_tok_per_s"] == pytest.approx((11 - 3) / (3.0 - 1.0))
+    assert f["ttft_s"] == pytest.approx((0.1 + 0.5 + 0.5) / 3)
+    # Steps accepted 2, 0, 3 drafts: tokens per step counts the bonus token.
+    assert f["tokens_per_step"] == pytest.approx((3 + 1 + 4) / 3)
+    assert f["mean_accepted"] == pytest.approx(5 / 3)
+    assert f["acceptance_by_position"] == pytest.approx([2 / 3, 2 / 3, 1 / 3])
+
+    plain = figures([Run([[1, 2]], 1.0, [0.2], None)], draft_len=0)
+    assert plain["tokens_per_step"] == 1.0 and plain["acceptance_by_position"] is None
+    peer = figures([Run([[1, 2]], 1.0, [0.2], None)], draft_len=None)
+    assert peer["tokens_per_step"] is None
+
+
+def test_mismatches_and_agreement_locate_the_first_difference():
+    ref = [[1, 2, 3, 4], [5, 6, 7], [8, 9]]
+    got = [[1, 2, 3, 4], [5, 0, 7], [8, 9, 10]]
+    found = mismatches(ref, got)
+    assert [(m.prompt, m.position, m.expected, m.got) for m in found] == [(1, 1, [6, 7], [0, 7]), (2, 2, [], [10])]
+    a = agreement(ref, got)
+    assert a["exact"] == pytest.approx(1 / 3)
+    assert a["prefix"] == pytest.approx((1 + 1 / 3 + 2 / 3) / 3)
+    assert mismatches(ref, ref) == []
+
+
+def test_jsonl_prompts_formats_and_errors(tmp_path, prompt_file):
+    assert jsonl_prompts(prompt_file) == ["Write a haiku about autumn.", "What is 17 times 3?",
+                                          "Name three rivers in Europe."]
+    assert jsonl_prompts(prompt_file, 2) == jsonl_prompts(prompt_file)[:2]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('"fine"\n{"text": 3}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a string"):
+        jsonl_prompts(bad)
+    bad.write_text('"fine"\n{not json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        jsonl_prompts(bad)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        jsonl_prompts(tmp_path / "missing.jsonl")
+
+
+# ---- the command on a tiny model ----
+
+def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
+    from matplotlib.image import imread
+
+    png = tmp_path / "plots" / "bench.png"
+    rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "6", "--batch-sizes", "1,2",
+                     "--beam-width", "1,2", "--beam-length", "3", "--peers", "hf,llamacpp", "--threads", "1",
+                     "--plot", str(png)))
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "redrafter W2 L3" in table and "identical" in table
+
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["schema"] == "redrafter-bench/1" and report["identical"] is True
+    m = report["machine"]
+    assert isinstance(m["cpu"], str) and m["cores"] >= 1 and m["threads"] == 1
+    assert m["torch"] and m["date"][:2] == "20"
+    assert "git_commit" in m and "git_dirty" in m
+    s = report["settings"]
+    assert s["questions"] == 3 and s["max_new_tokens"] == 6 and s["batch_sizes"] == [1, 2]
+    assert s["configs"] == [[1, 3], [2, 3]] and s["temperature"] == 0.0
+    assert [p["index"] for p in report["prompts"]] == [0, 1, 2]
+    assert all(p["prompt_tokens"] > 5 for p in report["prompts"])  # the chat template was applied
+    # llama.cpp needs a GGUF file; this base is an HF directory.
+    assert any("llama.cpp peer skipped" in n for n in report["notes"])
+
+    by_key = {(r["label"], r["batch_size"]): r for r in report["results"]}
+    assert set(by_key) == {(label, b) for b in (1, 2) for label in ("plain", "redrafter W1 L3", "redrafter W2 L3", "hf")}
+    for (label, b), r in by_key.items():
+        assert r["prompts"] == 3 and 3 <= r["tokens"] <= 3 * 6
+        for key in ("seconds", "tok_per_s", "ttft_s", "speedup"):
+            assert isinstance(r[key], float) and r[key] > 0, (label, b, key)
+        assert r["decode_tok_per_s"] is None or r["decode_tok_per_s"] > 0
+        if r["system"] == "redrafter":
+            acc = r["acceptance_by_position"]
+            assert len(acc) == r["beam_length"] - 1 and all(0 <= a <= 1 for a in acc)
+            assert acc == sorted(acc, reverse=True)
+            assert r["tokens_per_step"] == pytest.approx(1 + r["mean_accepted"])
+            assert r["identical"] is True and r["mismatches"] == [] and r["agreement"] is None
+        elif r["system"] == "plain":
+            assert r["speedup"] == 1.0 and r["tokens_per_step"] == 1.0 and r["identical"] is True
+        else:
+            assert r["identical"] is None and 0 <= r["agreement"]["exact"] <= 1
+            assert 0 <= r["agreement"]["prefix"] <= 1
+    # Lockstep batching does not change greedy outputs: batch 2 matched the batch-1 reference.
+    assert by_key[("plain", 2)]["tokens"] == by_key[("plain", 1)]["tokens"]
+
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    image = imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_mismatch_with_plain_greedy_fails_loudly(tiny_hf_dir, prompt_file, tmp_path, monkeypatch, capsys):
+    """A decoder whose bonus token is wrong must make the command exit non-zero, naming the prompt."""
+    import redrafter.runtime.decoding as decoding
+
+    real_accept = decoding.greedy_accept
+
+    def wrong_bonus(beams, predicted):
+        acc = real_accept(beams, predicted)
+        acc.bonus = (acc.bonus + 1) % 49152
+        return acc
+
+    monkeypatch.setattr(decoding, "greedy_accept", wrong_bonus)
+    rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "4", "--beam-width", "2",
+                     "--beam-length", "3", "--peers", "none"))
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "OUTPUT MISMATCH: redrafter W2 L3 at batch 1" in err
+    assert "prompt 0 ('Write a haiku about autumn.')" in err
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["identical"] is False
+    spec = next(r for r in report["results"] if r["system"] == "redrafter")
+    assert spec["identical"] is False and len(spec["mismatches"]) == 3
+    # The first token comes from prefill (right); the first step's bonus token is the wrong one.
+    assert all(m["position"] >= 1 for m in spec["mismatches"])
+    plain = next(r for r in report["results"] if r["system"] == "plain")
+    assert plain["identical"] is True
+
+
+def test_plain_only_without_a_drafter(tiny_hf_dir, prompt_file, tmp_path):
+    rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--drafter", "none", "--max-new-tokens", "3",
+                     "--peers", "none"))
+    assert rc == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["label"] for r in report["results"]] == ["plain"] and report["settings"]["configs"] == []
+
+
+# ---- bad input: clear errors before any model loads ----
+
+@pytest.mark.parametrize("args, message", [
+    (["--beam-width", "0"], "beam width W must be >= 1"),
+    (["--beam-width", "2,x"], "expected comma-separated integers"),
+    (["--beam-length", "1"], "beam length L (it counts the guaranteed token) must be >= 2"),
+    (["--batch-sizes", "0,2"], "batch sizes must be >= 1"),
+    (["--questions", "0"], "must be >= 1"),
+    (["--peers", "vllm"], "unknown peer(s) ['vllm']"),
+])
+def test_bad_arguments_are_rejected_by_the_parser(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *args])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_datasets_give_clear_errors(tmp_path, capsys):
+    assert main(["bench", "--dataset", "alpaca"]) == 2
+    assert "unknown dataset 'alpaca': use mtbench, sharegpt or a path to a .jsonl file" in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert main(["bench", "--dataset", str(empty)]) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    assert main(["bench", "--dataset", str(tmp_path / "nope.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err

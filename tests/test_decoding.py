@@ -1,0 +1,120 @@
+"""Lossless ReDrafter decoding: greedy speculative output equals plain greedy output."""
+import pytest
+import torch
+
+import redrafter.runtime.decoding as decoding
+from redrafter.runtime.decoding import Decoder, generate
+
+from conftest import tiny_drafter, tiny_llama
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [42]]
+
+
+def plain(model, prompts, n, eos=()):
+    return [g.token_ids for g in generate(Decoder(model, None, max_batch=len(prompts), max_seq_len=128), prompts, n, eos)]
+
+
+@pytest.mark.parametrize("width,length,head", [(1, 2, "own"), (1, 5, "shared"), (2, 3, "own"), (4, 4, "shared"),
+                                               (8, 5, "own"), (3, 1, "own")])
+def test_random_drafter_is_lossless(tiny_model, width, length, head):
+    d = tiny_drafter(tiny_model, head=head)
+    ref = plain(tiny_model, PROMPTS, 30)
+    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, beam_width=width, beam_length=length)
+    got = generate(dec, PROMPTS, 30)
+    assert [g.token_ids for g in got] == ref
+
+
+class OracleBeams:
+    """Replaces beam search with beams cut from the true greedy continuation, each corrupted
+    at a random depth (or not at all), so steps accept 0..L-1 drafts on varying beams and
+    beams share prefixes of varying length."""
+
+    def __init__(self, decoder: Decoder, prompts, reference, seed=0):
+        self.decoder, self.prompts, self.reference = decoder, prompts, reference
+        self.gen = torch.Generator().manual_seed(seed)
+        self.slots: list[int] = []
+        step = decoder.step
+
+        def tracked_step(slots):
+            self.slots = slots.tolist()
+            return step(slots)
+
+        decoder.step = tracked_step
+
+    def __call__(self, head, embed, base_lm_head, context, first_token, width, length, return_log_probs=False):
+        vocab = embed.shape[0]
+        beams = torch.empty(len(self.slots), width, length, dtype=torch.long)
+        for row, slot in enumerate(self.slots):
+            emitted = int(self.decoder.lengths[slot]) - len(self.prompts[slot])
+            truth = self.reference[slot][emitted:] + [0] * length
+            assert truth[0] == int(first_token[row]), "decoder state diverged from the reference"
+            for i in range(width):
+                beam = truth[:length]
+                cut = int(torch.randint(1, length + 2, (1,), generator=self.gen))  # length+1: intact
+                for j in range(cut, length):
+                    beam[j] = int(torch.randint(0, vocab, (1,), generator=self.gen))
+                beams[row, i] = torch.tensor(beam)
+        return beams, None
+
+
+@pytest.mark.parametrize("width,length", [(1, 4), (3, 4), (6, 6)])
+def test_accepting_drafts_commits_the_right_cache_entries(monkeypatch, tiny_model, width, length):
+    ref = plain(tiny_model, PROMPTS, 40)
+    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=4, max_seq_len=128,
+                  beam_width=width, beam_length=length)
+    oracle = OracleBeams(dec, PROMPTS, ref)
+    monkeypatch.setattr(decoding, "beam_search", oracle)
+    got = generate(dec, PROMPTS, 40)
+    assert [g.token_ids for g in got] == ref
+    accepted = [a for g in got for a in g.accepted_per_step]
+    assert max(accepted) == length - 1 and len(set(accepted)) >= 2  # full and partial acceptance
+    if width == 1:
+        assert min(accepted) == 0
+    assert sum(g.tokens_per_step for g in got) / len(got) > 1.5
+
+
+def test_eos_and_max_new_tokens_stop_generation(tiny_model):
+    ref = plain(tiny_model, PROMPTS[:1], 30)[0]
+    eos = ref[10]
+    first = ref.index(eos)
+    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=1, max_seq_len=128, beam_width=4, beam_length=4)
+    assert generate(dec, PROMPTS[:1], 30, eos_ids=[eos])[0].token_ids == ref[: first + 1]
+    assert generate(dec, PROMPTS[:1], 7)[0].token_ids == ref[:7]
+
+
+def test_bad_requests_are_rejected_clearly(tiny_model):
+    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=2, max_seq_len=32)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        generate(dec, [[1] * 20], 20)
+    with pytest.raises(ValueError, match="3 prompts but the decoder has 2 slots"):
+        generate(dec, [[1], [2], [3]], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        generate(dec, [[1]], 0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(dec, [[]], 4)
+    other = tiny_llama(vocab=50)
+    with pytest.raises(ValueError, match="does not fit the base model"):
+        Decoder(other, tiny_drafter(tiny_model))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("width,length", [(1, 4), (4, 4), (8, 5)])
+def test_smollm2_lossless_batch_1_and_3(monkeypatch, smollm2, mtbench_prompts, width, length):
+    """The real model, four MT-Bench prompts: solo and batched (three different prompt lengths)
+    ReDrafter runs equal plain greedy decoding, with the shipped drafter and with oracle beams."""
+    from redrafter.runtime.drafter import load_drafter
+    from redrafter.runtime.pipeline import default_drafter_dir
+
+    m = smollm2.model
+    prompts = [smollm2.encode_chat(p) for p in mtbench_prompts]
+    assert len({len(p) for p in prompts[1:]}) == 3
+    n = 24
+    ref = [plain(m, [p], n, smollm2.eos_ids)[0] for p in prompts]
+    drafter = load_drafter(default_drafter_dir())
+    solo = Decoder(m, drafter, max_batch=1, max_seq_len=512, beam_width=width, beam_length=length)
+    assert generate(solo, prompts[:1], n, smollm2.eos_ids)[0].token_ids == ref[0]
+    batched = Decoder(m, drafter, max_batch=3, max_seq_len=512, beam_width=width, beam_length=length)
+    assert [g.token_ids for g in generate(batched, prompts[1:], n, smollm2.eos_ids)] == ref[1:]
+    oracle_dec = Decoder(m, drafter, max_batch=3, max_seq_len=512, beam_width=width, beam_length=length)
+    monkeypatch.setattr(decoding, "beam_search", OracleBeams(oracle_dec, prompts[1:], ref[1:]))
+    assert [g.token_ids for g in generate(oracle_dec, prompts[1:], n, smollm2.eos_ids)] == ref[1:]

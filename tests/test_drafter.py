@@ -1,0 +1,110 @@
+"""The draft head: recurrence, Apple checkpoint layout, shared-head variant, beam drafting."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from redrafter.runtime.beam_search import beam_search
+from redrafter.runtime.drafter import DraftHead, DrafterConfig, load_drafter, save_drafter
+
+from conftest import tiny_drafter, tiny_llama
+
+
+@pytest.mark.parametrize("head,rnn,exit_dim", [("own", True, 128), ("own", False, 128), ("own", True, 96), ("shared", True, 128)])
+def test_save_load_gives_identical_logits(tmp_path, head, rnn, exit_dim):
+    model = tiny_llama()
+    cfg = DrafterConfig(vocab_size=97, hidden_size=64, exit_dim=exit_dim, num_draft_layers=2, rnn=rnn, head=head)
+    torch.manual_seed(3)
+    d = DraftHead(cfg).eval()
+    for p in d.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    save_drafter(d, tmp_path / "drafter")
+    loaded = load_drafter(tmp_path / "drafter")
+    h, s = torch.randn(2, 64), torch.randn(2, 64)
+    emb = model.embed.weight[:2]
+    base_head = model.lm_head.weight if head == "shared" else None
+    for m in (d, loaded):
+        m.out = m.logits(h, m.step(s, emb), base_head)
+    assert torch.equal(d.out, loaded.out)
+
+
+def test_checkpoint_uses_apples_layout(tmp_path):
+    d = DraftHead(DrafterConfig.for_base(97, 64, head="own"))
+    save_drafter(d, tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["model_type"] == "recurrent_drafting_drafter"
+    assert {cfg[k] for k in ("vocab_size", "hidden_size", "exit_dim", "num_draft_layers")} == {97, 64, 128, 2}
+    keys = set(load_file(str(tmp_path / "d" / "model.safetensors")))
+    assert keys == {"lm_head.0.linear.weight", "lm_head.0.linear.bias", "lm_head.1.linear.weight",
+                    "lm_head.1.linear.bias", "lm_head.2.weight", "rnn_u.weight", "rnn_u.bias", "rnn_w.weight"}
+    assert load_file(str(tmp_path / "d" / "model.safetensors"))["lm_head.2.weight"].shape == (97, 128)
+
+
+def test_shared_head_is_small_and_uses_the_base_lm_head():
+    own = DraftHead(DrafterConfig.for_base(49152, 576, head="own"))
+    shared = DraftHead(DrafterConfig.for_base(49152, 576, head="shared"))
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(shared) < 5_000_000 < 50_000_000 < count(own)
+    with pytest.raises(ValueError, match="LM head"):
+        shared.logits(torch.zeros(1, 576), torch.zeros(1, 576), None)
+
+
+def test_recurrence_matches_the_paper():
+    d = tiny_drafter(tiny_llama())
+    s0, e = torch.zeros(1, 64), torch.randn(1, 64)
+    s1 = d.step(s0, e)
+    assert torch.allclose(s1, torch.nn.functional.silu(e @ d.rnn_w.weight.t() + d.rnn_u.bias))
+    cum = DraftHead(DrafterConfig(97, 64, 128, 2, rnn=False))
+    assert torch.equal(cum.step(s1, e), s1 + e)
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json and model.safetensors"):
+        load_drafter(tmp_path)
+    d = DraftHead(DrafterConfig.for_base(97, 64))
+    save_drafter(d, tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    (tmp_path / "d" / "config.json").write_text(json.dumps(cfg | {"hidden_size": 32}))
+    with pytest.raises(ValueError, match="do not match its config.json"):
+        load_drafter(tmp_path / "d")
+
+
+def reference_beam_search(d, model, h, first, w, l):
+    """Exhaustive search over all V^(L-1) continuations, keeping the top W by summed log-prob."""
+    import itertools
+
+    v = model.cfg.vocab_size
+    scored = []
+    for seq in itertools.product(range(v), repeat=l - 1):
+        s, total, prev = torch.zeros(64), 0.0, first
+        for tok in seq:
+            s = d.step(s, model.embed.weight[prev])
+            total += torch.log_softmax(d.logits(h, s, None), -1)[tok].item()
+            prev = tok
+        scored.append((total, (first,) + seq))
+    scored.sort(key=lambda x: -x[0])
+    return [list(seq) for _, seq in scored[:w]]
+
+
+def test_beam_search_keeps_the_best_beams():
+    """With a vocabulary of 5 and L=3 every candidate can be enumerated; beam search with
+    W >= V^(L-2) is exact, so its beams must be the global top W."""
+    model = tiny_llama(vocab=5)
+    d = tiny_drafter(model)
+    h = torch.randn(1, 64)
+    beams, logp = beam_search(d, model.embed.weight, None, h, torch.tensor([3]), width=5, length=3,
+                              return_log_probs=True)
+    assert beams.shape == (1, 5, 3) and logp.shape == (1, 5, 2, 5)
+    assert beams[0].tolist() == reference_beam_search(d, model, h[0], 3, 5, 3)
+    # The returned log-probs belong to each beam's own history.
+    step1 = torch.log_softmax(d.logits(h, d.step(torch.zeros(1, 64), model.embed.weight[[3]]), None), -1)
+    assert torch.allclose(logp[0, :, 0], step1.expand(5, -1))
+
+
+def test_first_step_expands_only_the_guaranteed_token():
+    model = tiny_llama()
+    d = tiny_drafter(model)
+    beams, _ = beam_search(d, model.embed.weight, None, torch.randn(2, 64), torch.tensor([4, 9]), width=6, length=2)
+    assert beams[:, :, 0].tolist() == [[4] * 6, [9] * 6]
+    assert all(len(set(row)) == 6 for row in beams[:, :, 1].tolist())  # six distinct children

@@ -1,0 +1,90 @@
+"""The base model against HF transformers: logits, RoPE scaling, the cache, and greedy output."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from redrafter.runtime.decoding import Decoder, generate
+from redrafter.runtime.loading import load_base, save_hf_checkpoint
+from redrafter.runtime.model import LlamaConfig, causal_mask, rope_inv_freq
+
+from conftest import tiny_llama
+
+
+def full_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    cache = model.new_cache(1, ids.shape[1])
+    n = ids.shape[1]
+    hidden = model(ids, torch.arange(n)[None], cache, torch.tensor([0]), torch.tensor([0]), causal_mask(1, n))
+    return model.logits(hidden)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(tied=False), dict(tied=True), dict(attention_bias=True),
+    dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+])
+def test_logits_match_transformers(tmp_path, variant):
+    tied = variant.pop("tied", False)
+    model = tiny_llama(tied=tied, **variant)
+    if model.cfg.attention_bias:  # give the q/k/v biases non-zero values
+        for layer in model.layers:
+            for lin in (layer.attn.wq, layer.attn.wk, layer.attn.wv):
+                torch.nn.init.normal_(lin.bias, std=0.3)
+    path = save_hf_checkpoint(model, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, ref = full_logits(model, ids), hf(ids).logits
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    reloaded, _ = load_base(path)
+    assert torch.equal(full_logits(reloaded, ids), ours)
+
+
+def test_llama3_rope_scaling_changes_only_low_frequencies():
+    plain = LlamaConfig(97, 64, 128, 1, 4, 2, 64, rope_theta=500000.0)
+    scaled = LlamaConfig(97, 64, 128, 1, 4, 2, 64, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    a, b = rope_inv_freq(plain), rope_inv_freq(scaled)
+    assert torch.equal(a[:4], b[:4])  # high frequencies untouched
+    assert torch.allclose(b[-1], a[-1] / 8)  # lowest frequency divided by the factor
+
+
+def test_unknown_rope_scaling_is_rejected():
+    cfg = LlamaConfig(97, 64, 128, 1, 4, 2, 16, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="unsupported rope scaling 'yarn'"):
+        rope_inv_freq(cfg)
+
+
+def test_incremental_decoding_equals_full_forward():
+    """Prefill + one-token steps through the cache give the logits of one full forward."""
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    ref = full_logits(model, ids)
+    cache = model.new_cache(2, 16)
+    slot = torch.tensor([1])
+    out = [model.logits(model(ids[:, :5], torch.arange(5)[None], cache, slot, torch.tensor([0]), causal_mask(1, 5)))]
+    for t in range(5, 12):
+        out.append(model.logits(model(ids[:, t:t + 1], torch.tensor([[t]]), cache, slot, torch.tensor([t]),
+                                      causal_mask(1, 1))))
+    assert torch.allclose(torch.cat(out, 1), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = tiny_llama()
+    cache = model.new_cache(1, 8)
+    with pytest.raises(ValueError, match="cache holds 8"):
+        model(torch.zeros(1, 9, dtype=torch.long), torch.arange(9)[None], cache, torch.tensor([0]),
+              torch.tensor([0]), causal_mask(1, 9))
+
+
+@pytest.mark.slow
+def test_smollm2_plain_greedy_equals_transformers(smollm2, mtbench_prompts):
+    hf = AutoModelForCausalLM.from_pretrained(smollm2.base_dir, dtype=torch.float32).eval()
+    prompts = [smollm2.encode_chat(p) for p in mtbench_prompts[:2]]
+    ours = generate(Decoder(smollm2.model, None, max_seq_len=512), [prompts[0]], 48, smollm2.eos_ids)
+    ours += generate(Decoder(smollm2.model, None, max_seq_len=512), [prompts[1]], 48, smollm2.eos_ids)
+    for prompt, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False,
+                              eos_token_id=smollm2.eos_ids, pad_token_id=smollm2.eos_ids[0])
+        assert got.token_ids == ref[0, len(prompt):].tolist()
