@@ -1,0 +1,40 @@
+"""`redrafter generate`: text and JSON output, and clear errors for bad input."""
+import json
+import subprocess
+import sys
+
+from redrafter.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "redrafter.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_json_matches_no_spec(tiny_hf_dir, capsys):
+    base, drafter = tiny_hf_dir
+    args = ["generate", "--prompt", "Hello there", "--max-new-tokens", "12", "--base", str(base), "--json"]
+    assert main(args + ["--drafter", str(drafter), "--beam-width", "3", "--beam-length", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert main(args + ["--no-spec"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    for key in ("text", "token_ids", "tokens", "steps", "tokens_per_step", "tok_per_s"):
+        assert key in spec
+    assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
+    assert spec["tokens"] == len(spec["token_ids"]) <= 12
+    assert plain["steps"] == plain["tokens"] - 1 and plain["tokens_per_step"] == 1.0
+
+
+def test_generate_prints_text_and_a_summary_line(tiny_hf_dir):
+    base, drafter = tiny_hf_dir
+    out = run_cli("generate", "--prompt", "Hi", "--max-new-tokens", "5", "--base", str(base), "--drafter", str(drafter))
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("[") and "tokens/step" in last and "tok/s" in last
+
+
+def test_bad_paths_give_a_clear_error_not_a_traceback(tmp_path):
+    out = run_cli("generate", "--prompt", "Hi", "--base", str(tmp_path / "missing"))
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+    out = run_cli("generate", "--prompt", "Hi", "--base", str(tmp_path), "--no-spec")
+    assert out.returncode == 2 and "no config.json" in out.stderr
