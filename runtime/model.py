@@ -139,17 +139,41 @@ class KVCache:
         return self.k.shape[1]
 
     def commit(self, slots: Tensor, starts: Tensor, src: Tensor) -> None:
-        """Move scratch entries starts+src[:, i] to starts+i for every layer.
+        """Move scratch entries starts+src[:, i] to starts+i for every layer (see commit_kv)."""
+        commit_kv(self.k, self.v, slots, starts, src)
 
-        slots, starts: [B]; src: [B, n] offsets into the scratch area (src[:, i] >= i).
-        Gathering before scattering makes the overlapping move safe.
-        """
-        n = src.shape[1]
-        rows = slots[:, None].expand(-1, n)
-        src_pos = starts[:, None] + src
-        dst_pos = starts[:, None] + torch.arange(n, device=src.device)
-        for cache in (self.k, self.v):
-            cache[:, rows, dst_pos] = cache[:, rows, src_pos]
+
+def commit_kv(k: Tensor, v: Tensor, slots: Tensor, starts: Tensor, src: Tensor) -> None:
+    """Move scratch entries starts+src[:, i] to starts+i in every layer of caches k and v.
+
+    k, v: [layers, slots, capacity, kv_heads, head_dim]; slots, starts: [B]; src: [B, n]
+    offsets into the scratch area (src[:, i] >= i). Gathering before scattering makes the
+    overlapping move safe.
+    """
+    n = src.shape[1]
+    rows = slots[:, None].expand(-1, n)
+    src_pos = starts[:, None] + src
+    dst_pos = starts[:, None] + torch.arange(n, device=src.device)
+    for cache in (k, v):
+        cache[:, rows, dst_pos] = cache[:, rows, src_pos]
+
+
+@dataclass
+class TreeMask:
+    """Visibility in compact form for the packed_attention plugin: each new token sees
+    the committed context [0, starts) of its row plus its row of `mask` [B, T, T]."""
+    starts: Tensor
+    mask: Tensor
+
+
+def attend(q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor) -> Tensor:
+    """Masked GQA attention: q [B, T, heads, d], keys/vals [B, S, kv_heads, d], mask [B, T, S]
+    -> [B, T, heads, d]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
+        attn_mask=mask[:, None], enable_gqa=q.shape[2] != keys.shape[2],
+    )
+    return out.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -163,23 +187,29 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.num_heads * d, h, bias=False)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache,
-                rows: Tensor, write_pos: Tensor, mask: Tensor) -> Tensor:
-        """x [B, T, H]; rows/write_pos [B, T] cache coordinates; mask [B, T, S]."""
+                rows: Tensor, write_pos: Tensor, mask: Tensor | TreeMask) -> Tensor:
+        """x [B, T, H]; rows/write_pos [B, T] cache coordinates; mask [B, T, S], or a
+        TreeMask to run the redrafter::packed_attention op (redrafter.plugins)."""
         b, t, _ = x.shape
         c = self.cfg
         q = apply_rope(self.wq(x).view(b, t, c.num_heads, c.head_dim), *rope)
         k = apply_rope(self.wk(x).view(b, t, c.num_kv_heads, c.head_dim), *rope)
         v = self.wv(x).view(b, t, c.num_kv_heads, c.head_dim)
-        cache.k[layer, rows, write_pos] = k.to(cache.k.dtype)
-        cache.v[layer, rows, write_pos] = v.to(cache.v.dtype)
+        # One index_put_ on the whole cache (layer as an index tensor): the same write as
+        # cache.k[layer, rows, write_pos] = k, but torch.export sees a mutation of the cache
+        # input itself, which AOTInductor does in place instead of copying the layer's slice.
+        at = (torch.full_like(rows, layer), rows, write_pos)
+        cache.k.index_put_(at, k.to(cache.k.dtype))
+        cache.v.index_put_(at, v.to(cache.v.dtype))
+        if isinstance(mask, TreeMask):
+            out = torch.ops.redrafter.packed_attention(
+                q, k.to(cache.k.dtype), v.to(cache.v.dtype), cache.k[layer], cache.v[layer], rows[:, 0],
+                mask.starts, mask.mask)
+            return self.wo(out.reshape(b, t, -1))
         s = mask.shape[-1]
         keys = cache.k[layer, :, :s].index_select(0, rows[:, 0])  # [B, S, kv, d]
         vals = cache.v[layer, :, :s].index_select(0, rows[:, 0])
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2).to(q.dtype), vals.transpose(1, 2).to(q.dtype),
-            attn_mask=mask[:, None], enable_gqa=c.num_heads != c.num_kv_heads,
-        )
-        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+        return self.wo(attend(q, keys, vals, mask).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -234,24 +264,33 @@ class Llama(nn.Module):
         return KVCache(self.cfg, slots, capacity, p.dtype, p.device)
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
-                starts: Tensor, tree_mask: Tensor) -> Tensor:
+                starts: Tensor, tree_mask: Tensor, use_plugins: bool = False) -> Tensor:
         """Run new tokens against the cache and return final-norm hidden states [B, T, H].
 
         tokens, positions: [B, T]; slots, starts: [B] (cache row, committed length);
         tree_mask: [B, T, T] bool, which new tokens each new token sees (itself included).
-        The new keys/values land at starts + [0, T) of each slot.
+        The new keys/values land at starts + [0, T) of each slot. use_plugins runs attention
+        through redrafter::packed_attention (import redrafter.plugins.ops first).
         """
-        b, t = tokens.shape
+        t = tokens.shape[1]
         span = int(starts.max()) + t
         if span > cache.capacity:
             raise ValueError(f"sequence needs {span} cache positions but the cache holds {cache.capacity}")
+        mask = TreeMask(starts, tree_mask) if use_plugins else attention_mask(starts, tree_mask, span)
+        return self.forward_masked(tokens, positions, cache, slots, starts, mask)
+
+    def forward_masked(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
+                       starts: Tensor, mask: Tensor | TreeMask) -> Tensor:
+        """`forward` given the full visibility mask [B, T, S] over cache positions [0, S)
+        (see attention_mask) or a TreeMask: no host sync, so torch.export can trace it with
+        dynamic T and S (redrafter.builder compiles it)."""
+        b, t = tokens.shape
         rows = slots[:, None].expand(b, t)
         write_pos = starts[:, None] + torch.arange(t, device=tokens.device)
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         x = self.embed(tokens)
         rope = (emb.cos().to(x.dtype), emb.sin().to(x.dtype))
-        mask = attention_mask(starts, tree_mask, span)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, i, cache, rows, write_pos, mask)
         return self.norm(x)
