@@ -5,13 +5,23 @@ chain; the best beam is the one with the most accepted drafts (lowest index on t
 The step emits those drafts plus the bonus token, the base model's argmax right after
 the last accepted one, so every emitted token is exactly what plain greedy decoding
 would have produced.
+
+Sampling: `tree_walk` walks the packed tree from the root, drawing each next token from
+the base model's distribution at the current node and moving to the child that carries
+it; the first draw with no matching child is emitted and ends the step. Every emitted
+token is a draw from the base distribution given everything before it, so the output is
+distributed exactly as plain autoregressive sampling (the drafts are deterministic given
+the context, so they only decide how many draws one verification forward can serve).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
+
+from .tree import PackedBeams
 
 
 @dataclass
@@ -28,3 +38,47 @@ def greedy_accept(beams: Tensor, predicted: Tensor) -> Acceptance:
     accepted, beam = per_beam.max(dim=-1)
     rows = torch.arange(beams.shape[0], device=beams.device)
     return Acceptance(beam, accepted, predicted[rows, beam, accepted])
+
+
+@dataclass
+class Walk:
+    path: Tensor  # [B, L] packed index of each visited node; past counts[b]: its own column (a no-op commit)
+    tokens: Tensor  # [B, L] token drawn at each visited node; row b is valid up to counts[b]
+    counts: Tensor  # [B] visited nodes = emitted tokens (1..L)
+
+
+def tree_parents(unpacker: Tensor, n_packed: int) -> Tensor:
+    """[B, W, L] unpacker -> [B, T] packed index of each packed token's parent (-1: root, padding)."""
+    b = unpacker.shape[0]
+    parent = torch.full((b, n_packed), -1, dtype=torch.long, device=unpacker.device)
+    # Beams sharing a prefix write the same parent for the same packed token.
+    return parent.scatter_(1, unpacker[:, :, 1:].reshape(b, -1), unpacker[:, :, :-1].reshape(b, -1))
+
+
+def tree_walk(packed: PackedBeams, length: int, choose: Callable[[Tensor, int], Tensor]) -> Walk:
+    """Walk every row's packed tree from its root (packed index 0, the guaranteed token).
+
+    choose(nodes [B], d) returns the token drawn at each row's current node, the d-th
+    token the row emits this step (argmax for greedy rows, a sample from the processed
+    base distribution for sampling rows). Rows stop at the first token no child carries.
+    """
+    b, t = packed.tokens.shape
+    dev = packed.tokens.device
+    parent = tree_parents(packed.unpacker, t)
+    node = torch.zeros(b, dtype=torch.long, device=dev)
+    alive = torch.ones(b, dtype=torch.bool, device=dev)
+    path = torch.arange(length, device=dev).repeat(b, 1)
+    tokens = torch.zeros(b, length, dtype=torch.long, device=dev)
+    counts = torch.zeros(b, dtype=torch.long, device=dev)
+    for d in range(length):
+        x = choose(node, d)
+        path[:, d] = torch.where(alive, node, path[:, d])
+        tokens[:, d] = torch.where(alive, x, tokens[:, d])
+        counts += alive
+        child = (parent == node[:, None]) & (packed.tokens == x[:, None])  # at most one per row
+        found = child.any(-1)
+        alive &= found
+        if not bool(alive.any()):
+            break
+        node = torch.where(found, child.int().argmax(-1), node)
+    return Walk(path, tokens, counts)

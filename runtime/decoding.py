@@ -6,20 +6,26 @@ A ReDrafter step: draft W beams from (hidden, next token) -> pack them into a tr
 one base forward over the packed tokens -> accept the longest correct prefix -> commit
 the accepted path's KV entries -> continue from the last accepted token's hidden state
 with the bonus token as the next token.
+
+Slots prefilled with a `SlotSampler` sample instead of taking the argmax: their steps walk
+the packed tree (acceptance.tree_walk), which keeps the output distribution exactly that
+of plain sampling. A batch may mix greedy and sampling slots.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .acceptance import greedy_accept
+from .acceptance import greedy_accept, tree_walk
 from .beam_search import beam_search
 from .drafter import DraftHead, check_compatible
 from .model import Llama, causal_mask
-from .tree import pack_beams
+from .sampling import BatchSampling, SlotSampler, draw, processed_probs
+from .tree import PackedBeams, pack_beams
 
 
 @dataclass
@@ -29,10 +35,15 @@ class StepOutput:
 
 
 class Decoder:
-    """Owns the KV cache for `max_batch` slots of up to `max_seq_len` tokens each."""
+    """Owns the KV cache for `max_batch` slots of up to `max_seq_len` tokens each.
+
+    beam_width x beam_length also sizes the scratch area past each sequence, i.e. the
+    largest tree a step can verify; `set_beam_shape` picks any shape within it per step.
+    """
 
     def __init__(self, model: Llama, drafter: DraftHead | None = None, *, max_batch: int = 1,
-                 max_seq_len: int = 2048, beam_width: int = 4, beam_length: int = 4):
+                 max_seq_len: int = 2048, beam_width: int = 4, beam_length: int = 4,
+                 use_plugins: bool = False, draft: Callable[[Tensor, Tensor], Tensor] | None = None):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam width and length must be >= 1, got W={beam_width}, L={beam_length}")
         if drafter is not None:
@@ -40,11 +51,23 @@ class Decoder:
         self.model, self.drafter = model, drafter
         self.beam_width, self.beam_length = beam_width, beam_length
         self.max_seq_len = max_seq_len
-        self.cache = model.new_cache(max_batch, max_seq_len + beam_width * beam_length)
+        self.max_tree_tokens = beam_width * beam_length
+        self.cache = model.new_cache(max_batch, max_seq_len + self.max_tree_tokens)
         dev = model.embed.weight.device
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.next_token = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.hidden = torch.zeros(max_batch, model.cfg.hidden_size, dtype=model.embed.weight.dtype, device=dev)
+        self.samplers: list[SlotSampler | None] = [None] * max_batch  # None: greedy
+        # use_plugins: draft, pack, attend and commit through the redrafter:: custom ops
+        # (Triton kernels on CUDA, this runtime's code elsewhere).
+        self.use_plugins = use_plugins
+        if use_plugins:
+            from ..plugins import ops as plugin_ops  # registers the ops
+
+            self.plugin_ops = plugin_ops
+        # draft: a compiled beam-drafting program, (context [B, H], first token [B]) -> beams
+        # [B, W, L] for the initial beam shape (redrafter.builder); used while that shape holds.
+        self.draft, self._draft_shape = draft, (beam_width, beam_length)
 
     @property
     def device(self) -> torch.device:
@@ -54,34 +77,85 @@ class Decoder:
     def speculative(self) -> bool:
         return self.drafter is not None and self.beam_length > 1
 
+    def set_beam_shape(self, width: int, length: int) -> None:
+        """Draft `width` beams of `length` tokens from the next step on (length 1: plain steps)."""
+        if width < 1 or length < 1:
+            raise ValueError(f"beam width and length must be >= 1, got W={width}, L={length}")
+        if width * length > self.max_tree_tokens:
+            raise ValueError(f"beam shape {width}x{length} exceeds the decoder's scratch area of "
+                             f"{self.max_tree_tokens} tokens: build the decoder with a larger beam shape")
+        self.beam_width, self.beam_length = width, length
+
     @torch.inference_mode()
-    def prefill(self, slot: int, prompt: list[int]) -> int:
-        """Fill `slot` with a prompt; returns the first generated token (greedy)."""
-        if not prompt:
-            raise ValueError("empty prompt: give at least one token")
-        if len(prompt) >= self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len={self.max_seq_len}")
-        ids = torch.tensor([prompt], device=self.device)
-        n = ids.shape[1]
-        slots = torch.tensor([slot], device=self.device)
-        start = torch.zeros(1, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device)[None], self.cache, slots, start,
-                            causal_mask(1, n, self.device))[:, -1]
-        token = self.model.logits(hidden).argmax(-1)
-        self.lengths[slot], self.next_token[slot], self.hidden[slot] = n, token[0], hidden[0]
-        return int(token)
+    def prefill(self, slot: int, prompt: list[int], sampler: SlotSampler | None = None) -> int:
+        """Fill `slot` with a prompt; returns the first generated token (greedy, or drawn by
+        `sampler`, which stays with the slot for its later steps)."""
+        return self.prefill_batch([slot], [prompt], [sampler])[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, slots: list[int], prompts: list[list[int]],
+                      samplers: list[SlotSampler | None] | None = None) -> list[int]:
+        """Fill several slots in one forward (prompts right-padded to the longest; padding
+        comes after each prompt, so the causal mask hides it). Returns the first tokens."""
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("empty prompt: give at least one token")
+            if len(prompt) >= self.max_seq_len:
+                raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_seq_len={self.max_seq_len}")
+        b, dev = len(prompts), self.device
+        lengths = torch.tensor([len(p) for p in prompts], device=dev)
+        t = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (t - len(p)) for p in prompts], device=dev)
+        slot_t = torch.tensor(slots, device=dev)
+        start = torch.zeros(b, dtype=torch.long, device=dev)
+        hidden = self.model(ids, torch.arange(t, device=dev)[None].expand(b, t), self.cache, slot_t, start,
+                            causal_mask(b, t, dev), use_plugins=self.use_plugins)
+        hidden = hidden[torch.arange(b, device=dev), lengths - 1]  # [B, H] at each prompt's last token
+        for slot, sampler in zip(slots, samplers or [None] * b):
+            self.samplers[slot] = sampler
+        sampling = self._sampling(slots, 1)
+        token = self._pick(self.model.logits(hidden), sampling, 0)
+        self._consume(slots, [1] * b)
+        self.lengths[slot_t], self.next_token[slot_t], self.hidden[slot_t] = lengths, token, hidden
+        return token.tolist()
 
     @torch.inference_mode()
     def step(self, slots: Tensor) -> StepOutput:
         """Advance every slot in `slots` ([B] long) by one plain or ReDrafter step."""
         return self._speculative_step(slots) if self.speculative else self._plain_step(slots)
 
+    def _sampling(self, slots: list[int], n: int) -> tuple[Tensor, BatchSampling] | None:
+        """Rows of `slots` that sample, with their filters and next n uniforms (None: all greedy)."""
+        rows = [i for i, s in enumerate(slots) if self.samplers[s] is not None]
+        if not rows:
+            return None
+        samplers = [self.samplers[slots[i]] for i in rows]
+        return torch.tensor(rows, device=self.device), BatchSampling.gather(samplers, n, self.device)
+
+    @staticmethod
+    def _pick(logits: Tensor, sampling: tuple[Tensor, BatchSampling] | None, d: int) -> Tensor:
+        """logits [B, V] -> tokens [B]: argmax, or for sampling rows a draw with uniform column d."""
+        tokens = logits.argmax(-1)
+        if sampling is not None:
+            rows, s = sampling
+            probs = processed_probs(logits[rows], s.temperature, s.top_k, s.top_p)
+            tokens[rows] = draw(probs, s.uniforms[:, d])
+        return tokens
+
+    def _consume(self, slots: list[int], counts: list[int]) -> None:
+        for slot, n in zip(slots, counts):
+            if self.samplers[slot] is not None:
+                self.samplers[slot].consume(n)
+
     def _plain_step(self, slots: Tensor) -> StepOutput:
         b = slots.shape[0]
+        slot_list = slots.tolist()
         starts = self.lengths[slots]
         tokens = self.next_token[slots][:, None]
-        hidden = self.model(tokens, starts[:, None], self.cache, slots, starts, causal_mask(b, 1, self.device))
-        new = self.model.logits(hidden[:, 0]).argmax(-1)
+        hidden = self.model(tokens, starts[:, None], self.cache, slots, starts, causal_mask(b, 1, self.device),
+                            use_plugins=self.use_plugins)
+        new = self._pick(self.model.logits(hidden[:, 0]), self._sampling(slot_list, 1), 0)
+        self._consume(slot_list, [1] * b)
         self.lengths[slots] = starts + 1
         self.next_token[slots], self.hidden[slots] = new, hidden[:, 0]
         return StepOutput(new[:, None], torch.ones_like(new))
@@ -90,18 +164,31 @@ class Decoder:
         m, head = self.model, self.drafter
         starts = self.lengths[slots]
         base_head = m.lm_head.weight if head.cfg.head == "shared" else None
-        beams, _ = beam_search(head, m.embed.weight, base_head, self.hidden[slots], self.next_token[slots],
-                               self.beam_width, self.beam_length)
-        packed = pack_beams(beams)
+        if self.use_plugins:
+            beams = self.plugin_ops.draft(head, m.embed.weight, base_head, self.hidden[slots],
+                                          self.next_token[slots], self.beam_width, self.beam_length)
+            packed = self.plugin_ops.pack(beams)
+        elif self.draft is not None and (self.beam_width, self.beam_length) == self._draft_shape:
+            beams = self.draft(self.hidden[slots], self.next_token[slots])
+            packed = pack_beams(beams)
+        else:
+            beams, _ = beam_search(head, m.embed.weight, base_head, self.hidden[slots], self.next_token[slots],
+                                   self.beam_width, self.beam_length)
+            packed = pack_beams(beams)
         positions = starts[:, None] + packed.depth
-        hidden = m(packed.tokens, positions, self.cache, slots, starts, packed.mask)  # [B, T, H]
+        hidden = m(packed.tokens, positions, self.cache, slots, starts, packed.mask,
+                   use_plugins=self.use_plugins)  # [B, T, H]
+        slot_list = slots.tolist()
+        sampling = self._sampling(slot_list, self.beam_length)
+        if sampling is not None:
+            return self._walk_step(slots, slot_list, starts, packed, hidden, sampling)
         predicted_packed = m.logits(hidden).argmax(-1)  # [B, T]
         b, w, l = beams.shape
         predicted = predicted_packed.gather(1, packed.unpacker.view(b, w * l)).view(b, w, l)
         acc = greedy_accept(beams, predicted)
         rows = torch.arange(b, device=self.device)
         path = packed.unpacker[rows, acc.beam]  # [B, L] packed indices along the chosen beam
-        self.cache.commit(slots, starts, path)
+        self._commit(slots, starts, path)
         last = path[rows, acc.accepted]
         self.lengths[slots] = starts + acc.accepted + 1
         self.next_token[slots] = acc.bonus
@@ -110,6 +197,27 @@ class Decoder:
         emitted = torch.cat((beams[rows, acc.beam, 1:], acc.bonus[:, None]), dim=1)
         emitted[rows, acc.accepted] = acc.bonus
         return StepOutput(emitted, acc.accepted + 1)
+
+    def _commit(self, slots: Tensor, starts: Tensor, path: Tensor) -> None:
+        if self.use_plugins:
+            self.plugin_ops.commit(self.cache, slots, starts, path)
+        else:
+            self.cache.commit(slots, starts, path)
+
+    def _walk_step(self, slots: Tensor, slot_list: list[int], starts: Tensor, packed: PackedBeams, hidden: Tensor,
+                   sampling: tuple[Tensor, BatchSampling]) -> StepOutput:
+        """Verification for a batch with sampling rows: walk each tree, drawing from the base
+        model's distribution at every visited node (logits only where the walk goes)."""
+        rows = torch.arange(slots.shape[0], device=self.device)
+        walk = tree_walk(packed, self.beam_length,
+                         lambda node, d: self._pick(self.model.logits(hidden[rows, node]), sampling, d))
+        self._commit(slots, starts, walk.path)
+        last = walk.path[rows, walk.counts - 1]
+        self.lengths[slots] = starts + walk.counts
+        self.next_token[slots] = walk.tokens[rows, walk.counts - 1]
+        self.hidden[slots] = hidden[rows, last]
+        self._consume(slot_list, walk.counts.tolist())
+        return StepOutput(walk.tokens, walk.counts)
 
 
 @dataclass

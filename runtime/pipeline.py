@@ -36,12 +36,15 @@ class Loaded:
         return ids
 
     def encode_chat(self, text: str) -> list[int]:
-        """The prompt rendered with the model's own chat template (plain text if it has none)."""
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return list(tok.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, return_dict=False))
-        return list(tok.encode(text))
+        return encode_chat(self.tokenizer, text)
+
+
+def encode_chat(tokenizer, text: str) -> list[int]:
+    """The prompt rendered with the model's own chat template (plain text if it has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                  add_generation_prompt=True, return_dict=False))
+    return list(tokenizer.encode(text))
 
 
 def load(base: str | os.PathLike | None = None, drafter: str | os.PathLike | None = "default",
