@@ -25,7 +25,7 @@ def prompt_file(tmp_path):
 def _bench(tiny_hf_dir, prompt_file, tmp_path, *extra: str) -> list[str]:
     base, drafter = tiny_hf_dir
     return ["bench", "--base", str(base), "--drafter", str(drafter), "--dataset", str(prompt_file),
-            "--questions", "3", "--json", str(tmp_path / "bench.json"), *extra]
+            "--questions", "3", "--threads", "1", "--json", str(tmp_path / "bench.json"), *extra]
 
 
 # ---- figures and comparisons (no model) ----
@@ -78,6 +78,15 @@ def test_jsonl_prompts_formats_and_errors(tmp_path, prompt_file):
         jsonl_prompts(tmp_path / "missing.jsonl")
 
 
+def test_named_datasets_are_mtbench_first_turns_and_sharegpt_heldout():
+    from redrafter.bench import load_prompts
+    from redrafter.datasets import mtbench_first_turns
+    from redrafter.training.data import heldout_prompts
+
+    assert load_prompts("mtbench", 3) == mtbench_first_turns(3) and len(mtbench_first_turns(3)) == 3
+    assert load_prompts("sharegpt", 2) == heldout_prompts(2) and all(heldout_prompts(2))
+
+
 # ---- the command on a tiny model ----
 
 def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
@@ -85,7 +94,7 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
 
     png = tmp_path / "plots" / "bench.png"
     rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "6", "--batch-sizes", "1,2",
-                     "--beam-width", "1,2", "--beam-length", "3", "--peers", "hf,llamacpp", "--threads", "1",
+                     "--beam-width", "1,2", "--beam-length", "3", "--peers", "hf,llamacpp",
                      "--plot", str(png)))
     assert rc == 0
     table = capsys.readouterr().out
@@ -106,7 +115,8 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert any("llama.cpp peer skipped" in n for n in report["notes"])
 
     by_key = {(r["label"], r["batch_size"]): r for r in report["results"]}
-    assert set(by_key) == {(label, b) for b in (1, 2) for label in ("plain", "redrafter W1 L3", "redrafter W2 L3", "hf")}
+    labels = ("plain", "redrafter W1 L3", "redrafter W2 L3", "hf")
+    assert set(by_key) == {(label, b) for b in (1, 2) for label in labels}
     for (label, b), r in by_key.items():
         assert r["prompts"] == 3 and 3 <= r["tokens"] <= 3 * 6
         for key in ("seconds", "tok_per_s", "ttft_s", "speedup"):
@@ -160,6 +170,24 @@ def test_mismatch_with_plain_greedy_fails_loudly(tiny_hf_dir, prompt_file, tmp_p
     assert plain["identical"] is True
 
 
+def test_sampled_redrafter_equals_sampled_plain_per_seed(tiny_hf_dir, prompt_file, tmp_path):
+    """With temperature > 0 (the serving Session), seeded ReDrafter output equals seeded plain
+    output at every batch size, and differs from greedy decoding."""
+    def outputs(*extra: str) -> dict:
+        assert main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "6", "--beam-width", "2",
+                           "--beam-length", "3", "--peers", "none", *extra)) == 0
+        return json.loads((tmp_path / "bench.json").read_text())
+
+    sampled = outputs("--temperature", "1.5", "--seed", "7", "--batch-sizes", "1,2")
+    assert sampled["identical"] is True and sampled["settings"]["temperature"] == 1.5
+    assert {(r["label"], r["batch_size"]) for r in sampled["results"]} == {
+        (label, b) for label in ("plain", "redrafter W2 L3") for b in (1, 2)}
+    spec = next(r for r in sampled["results"] if r["system"] == "redrafter")
+    assert len(spec["acceptance_by_position"]) == 2 and spec["tokens_per_step"] >= 1.0
+    greedy = outputs()
+    assert [p["output_ids"] for p in sampled["prompts"]] != [p["output_ids"] for p in greedy["prompts"]]
+
+
 def test_plain_only_without_a_drafter(tiny_hf_dir, prompt_file, tmp_path):
     rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--drafter", "none", "--max-new-tokens", "3",
                      "--peers", "none"))
@@ -194,3 +222,28 @@ def test_bad_datasets_give_clear_errors(tmp_path, capsys):
     assert "holds no prompts" in capsys.readouterr().err
     assert main(["bench", "--dataset", str(tmp_path / "nope.jsonl")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
+    """--engine: plain and ReDrafter decoding of the same engine; the peers run --base."""
+    from redrafter.builder.build import BuildOptions, build_engine
+
+    base, drafter = tiny_hf_dir
+    engine = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager",
+                                       beam_width=2, beam_length=3, max_batch_size=2, max_seq_len=128,
+                                       progress=False))
+    json_out = tmp_path / "bench.json"
+    args = ["bench", "--engine", str(engine), "--base", str(base), "--dataset", str(prompt_file),
+            "--max-new-tokens", "4", "--batch-sizes", "2", "--peers", "hf", "--json", str(json_out)]
+    assert main(args) == 0
+    report = json.loads(json_out.read_text())
+    assert report["settings"]["engine"] == str(engine) and report["settings"]["configs"] == [[2, 3]]
+    assert [(r["label"], r["batch_size"]) for r in report["results"]] == [
+        ("plain", 2), ("redrafter W2 L3", 2), ("hf", 2)]
+    assert report["identical"] is True
+    # The engine fixes its beam shape and largest batch.
+    capsys.readouterr()
+    assert main([*args[:-2], "--beam-width", "4"]) == 2
+    assert "the engine was built for W=2, L=3" in capsys.readouterr().err
+    assert main([*args[:-2], "--batch-sizes", "4"]) == 2
+    assert "exceeds the engine's max batch size 2" in capsys.readouterr().err

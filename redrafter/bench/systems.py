@@ -1,0 +1,183 @@
+"""The decoders a benchmark compares, behind one call: prompts in, token ids and timings out.
+
+Every system decodes the same prompt token ids (chat template applied) and stops after an
+EOS token (kept) or `max_new_tokens`, so outputs line up token for token. Greedy runs of
+ours go through `generate` (lockstep batch). Sampled runs of ours go through the serving
+Session, whose seeded requests draw their n-th token from the n-th uniform of their own
+stream: sampled ReDrafter output must then equal sampled plain output for the same seed.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+
+import torch
+
+from redrafter.runtime.decoding import Decoder, generate
+
+
+@dataclass
+class Run:
+    """One system on one group of prompts decoded together."""
+    outputs: list[list[int]]  # generated ids per prompt (first token included)
+    seconds: float  # wall time for the whole group
+    first_token_s: list[float]  # per prompt: from the group's start to its first token
+    accepted_per_step: list[list[int]] | None = None  # ours: accepted drafts of each step (any order)
+
+
+@dataclass
+class System(ABC):
+    """A named decoder at one batch size. `name` is plain | redrafter | hf | llamacpp."""
+    name: str
+    batch_size: int
+    beam_width: int | None = None
+    beam_length: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"redrafter W{self.beam_width} L{self.beam_length}" if self.name == "redrafter" else self.name
+
+    @abstractmethod
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
+        """Decode `prompts` (at most batch_size of them) together; seeds: one per prompt, for sampling."""
+
+    def close(self) -> None:
+        """Release what the system holds (threads, caches)."""
+
+
+def _shape(decoder: Decoder) -> tuple[int | None, int | None]:
+    return (decoder.beam_width, decoder.beam_length) if decoder.speculative else (None, None)
+
+
+class OursSystem(System):
+    """Our runtime, greedy: `generate` in lockstep over a Decoder (no drafter = plain decoding)."""
+
+    def __init__(self, name: str, decoder: Decoder, batch_size: int, eos_ids: list[int]):
+        super().__init__(name, batch_size, *_shape(decoder))
+        self.decoder, self.eos_ids = decoder, eos_ids
+
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
+        t0 = time.perf_counter()
+        gens = generate(self.decoder, prompts, max_new_tokens, self.eos_ids)
+        seconds = time.perf_counter() - t0
+        # Prefill runs slot after slot, so slot i's first token arrives after i+1 prefills.
+        first = list(accumulate(g.prefill_s for g in gens))
+        return Run([g.token_ids for g in gens], seconds, first, [g.accepted_per_step for g in gens])
+
+
+class SessionSystem(System):
+    """Our runtime, sampling: a serving Session; the group's requests are submitted together."""
+
+    def __init__(self, name: str, decoder: Decoder, batch_size: int, eos_ids: list[int], temperature: float):
+        from redrafter.runtime.session import Session
+
+        super().__init__(name, batch_size, *_shape(decoder))
+        self.session = Session(decoder, None, eos_ids)  # no tokenizer: prompts are ids, nothing to detokenize
+        self.temperature = temperature
+
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
+        from redrafter.runtime.sampling import SamplingParams
+
+        params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, seed=s) for s in seeds]
+        t0 = time.perf_counter()
+        outs = self.session.generate(prompts, params)
+        seconds = time.perf_counter() - t0
+        return Run([o.token_ids for o in outs], seconds, [o.metrics.ttft_s for o in outs],
+                   [_accepted_per_step(o.metrics) for o in outs])
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _accepted_per_step(m) -> list[int]:
+    """Accepted drafts of each step (as a multiset) from a request's counts of steps accepting >= k."""
+    at_least = [m.steps, *m.accepted_by_position, 0]
+    return [k for k in range(len(at_least) - 1) for _ in range(at_least[k] - at_least[k + 1])]
+
+
+class _FirstTokenClock:
+    """A transformers streamer that only notes when the first generated tokens arrive."""
+
+    def __init__(self):
+        self.calls, self.first = 0, None
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:  # the first put is the prompt itself
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class HFSystem(System):
+    """transformers `generate` on the same HF checkpoint (left-padded batches); greedy unless
+    temperature > 0 (then plain temperature sampling, seeded with the group's first seed)."""
+
+    def __init__(self, model, batch_size: int, eos_ids: list[int], pad_id: int, temperature: float):
+        super().__init__("hf", batch_size)
+        self.model, self.eos_ids, self.pad_id, self.temperature = model, eos_ids, pad_id, temperature
+
+    @staticmethod
+    def load(base_dir: Path, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device).eval()
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        sampling = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
+        if self.temperature > 0:
+            torch.manual_seed(seeds[0])
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
+        clock = _FirstTokenClock()
+        t0 = time.perf_counter()
+        out = self.model.generate(input_ids=ids, attention_mask=mask, num_beams=1, max_new_tokens=max_new_tokens,
+                                  eos_token_id=self.eos_ids, pad_token_id=self.pad_id, streamer=clock, **sampling)
+        seconds = time.perf_counter() - t0
+        return Run([_cut_at_eos(row, self.eos_ids) for row in out[:, width:].tolist()], seconds,
+                   [clock.first - t0] * len(prompts))
+
+
+class LlamaCppSystem(System):
+    """llama.cpp (llama-cpp-python) on the GGUF file itself: batch 1, same thread count;
+    greedy unless temperature > 0 (then plain temperature sampling, seeded)."""
+
+    def __init__(self, gguf: Path, n_ctx: int, threads: int, eos_ids: list[int], temperature: float):
+        from llama_cpp import Llama
+
+        super().__init__("llamacpp", 1)
+        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                         n_threads_batch=threads, n_gpu_layers=0, verbose=False)
+        self.eos_ids, self.temperature = set(eos_ids), temperature
+
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
+        (prompt,) = prompts
+        self.llm.reset()  # no prompt-prefix reuse between prompts: every system prefills in full
+        self.llm.set_seed(seeds[0])
+        # top_k=1 makes the greedy path explicit; 0 / 1.0 / 0.0 switch the filters off for sampling.
+        top_k = 0 if self.temperature > 0 else 1
+        out: list[int] = []
+        t0 = time.perf_counter()
+        first = 0.0
+        for tok in self.llm.generate(prompt, top_k=top_k, top_p=1.0, min_p=0.0, temp=self.temperature,
+                                     repeat_penalty=1.0):
+            if not out:
+                first = time.perf_counter() - t0
+            out.append(int(tok))
+            if len(out) >= max_new_tokens or tok in self.eos_ids:
+                break
+        return Run([out], time.perf_counter() - t0, [first])
+
+
+def _cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in eos_ids:
+            return row[: i + 1]
+    return row
