@@ -1,0 +1,92 @@
+"""`redrafter triton-repo` (write a Triton model repository) and `redrafter serve` (run
+tritonserver on one)."""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    repo = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository for an engine")
+    _add_source_args(repo)
+    repo.add_argument("--output", required=True, help="repository directory to write (an existing one is replaced)")
+    repo.set_defaults(func=run_repo)
+
+    serve = sub.add_parser("serve", help="serve an engine with Triton Inference Server (HTTP, gRPC, metrics)")
+    _add_source_args(serve, repository=True)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default loopback only; 0.0.0.0 exposes the server to the network)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    serve.set_defaults(func=run_serve)
+
+
+def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> None:
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--engine", help="engine directory built by `redrafter build`")
+    what.add_argument("--base", help="serve a base model directly (HF dir, .gguf or 'default'), "
+                                     "without building an engine; the default when nothing is given")
+    if repository:
+        what.add_argument("--repository", help="serve a repository written by `redrafter triton-repo`")
+    p.add_argument("--drafter", default="default", help="with --base: drafter dir, 'default' or 'none'")
+    p.add_argument("--name", default="redrafter", help="model name in the repository")
+    p.add_argument("--instances", type=int, default=1,
+                   help="model instances (each a process with its own copy of the weights)")
+    p.add_argument("--max-batch-size", type=int, default=0,
+                   help="requests decoded together per instance (default: the engine's; 8 with --base)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="with --base: longest prompt + completion")
+    p.add_argument("--beam-width", type=int, default=4, help="with --base: W, beams drafted per step")
+    p.add_argument("--beam-length", type=int, default=4, help="with --base: L, tokens per beam")
+    p.add_argument("--beam-policy", default="fixed", choices=["fixed", "adaptive"],
+                   help="adaptive: shrink the beams as the batch grows")
+
+
+def _write(args: argparse.Namespace, output: Path) -> Path:
+    from .repository import ModelSource, write_repository
+
+    base = args.base if args.base or args.engine else "default"
+    source = ModelSource.create(engine=args.engine, base=base, drafter=args.drafter if base else None,
+                                max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+                                beam_width=args.beam_width, beam_length=args.beam_length,
+                                beam_policy=args.beam_policy)
+    return write_repository(output, source, name=args.name, instances=args.instances)
+
+
+def run_repo(args: argparse.Namespace) -> int:
+    out = _write(args, Path(args.output))
+    print(f"wrote Triton model repository {out} (model {args.name!r}); serve it with "
+          f"`redrafter serve --repository {out}`")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="redrafter-repo-") as tmp:
+        repo = Path(args.repository) if args.repository else _write(args, Path(tmp) / "repository")
+        server = TritonServer(repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port)
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            server.start(ready_timeout_s=args.ready_timeout)
+            print(f"redrafter serve: ready: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+                  f"metrics {server.metrics_url} (Ctrl-C stops)", file=sys.stderr, flush=True)
+            status = server.proc.wait()
+            print(f"redrafter serve: tritonserver exited with status {status}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        except (RuntimeError, TimeoutError) as e:
+            print(f"redrafter serve: error: {e}", file=sys.stderr)
+            return 1
+        finally:
+            server.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
