@@ -1,0 +1,298 @@
+"""`build_engine`: base model + drafter -> an engine directory, written atomically.
+
+Stages: load -> convert (dtype, int8) -> write weights and tokenizer -> compile programs
+(backend) -> checksums + config.json -> fsync -> rename. Everything is written into a
+temporary directory beside the output; only a finished engine is renamed into place, and
+any failure or interruption (KeyboardInterrupt included) removes the temporary directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
+                     engine_config, file_checksums, read_config)
+
+
+@dataclass
+class BuildOptions(EngineOptions):
+    """What to build. base: HF dir | .gguf | "default"; drafter: dir | "default" | "none"."""
+    output: str | os.PathLike = ""
+    base: str | os.PathLike = "default"
+    drafter: str | os.PathLike = "default"
+    progress: bool = True
+
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
+
+
+class Stages:
+    """Progress over the build's stages (a tqdm bar on stderr; silent when disabled)."""
+
+    def __init__(self, names: list[str], enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), disable=not enabled, desc="redrafter build",
+                        bar_format="{desc} [{n_fmt}/{total_fmt} stages, {elapsed}]")
+        self.t0 = time.perf_counter()
+
+    def run(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.bar.set_description_str(f"redrafter build: {name}")
+        t = time.perf_counter()
+        out = fn()
+        self.bar.update(1)
+        if not self.bar.disable:
+            self.bar.write(f"  {name}: {time.perf_counter() - t:.1f}s")
+        return out
+
+    def close(self) -> None:
+        self.bar.set_description_str(f"redrafter build: done in {time.perf_counter() - self.t0:.1f}s")
+        self.bar.close()
+
+
+def build_engine(options: BuildOptions) -> Path:
+    """Build an engine directory at options.output; returns its path."""
+    opts = options.engine_options()
+    opts.validate()
+    if not options.output:
+        raise ValueError("give an output directory for the engine (--output ENGINE_DIR)")
+    out = Path(options.output).resolve()
+    _check_output(out)
+    dev = torch.device(opts.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda needs a CUDA GPU, and torch sees none: build with --device cpu")
+    if opts.backend in ("onnx", "tensorrt") and opts.quantize == "int8":
+        raise ValueError("int8 engines use torch's weight-only int8 matmul, which has no ONNX export: "
+                         "use --backend aoti or eager with --quantize int8")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        missing_trt = _build_into(tmp, options, opts)
+        _fsync_tree(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if missing_trt:
+        from .tensorrt import TensorRTUnavailable, unavailable_message
+
+        raise TensorRTUnavailable(unavailable_message(missing_trt, out))
+    return out
+
+
+def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[str]:
+    """Fill tmp with a complete engine; returns what TensorRT lacks (empty unless tensorrt)."""
+    from redrafter.runtime.loading import load_base, load_tokenizer
+    from redrafter.runtime.pipeline import default_drafter_dir
+    from redrafter.runtime.drafter import check_compatible, load_drafter
+
+    compile_names = {"eager": [], "aoti": ["compile forward (AOTInductor)", "verify forward against eager",
+                                           "compile draft (AOTInductor)"],
+                     "onnx": ["export forward (ONNX)", "export draft (ONNX)"],
+                     "tensorrt": ["export forward (ONNX)", "export draft (ONNX)", "build TensorRT plans"]}
+    names = ["load base model", "load drafter", "convert weights", "write weights", "write tokenizer",
+             *compile_names[opts.backend], "checksums and config"]
+    stages = Stages(names, options.progress)
+    dev, dtype = torch.device(opts.device), opts.torch_dtype
+
+    model, base_dir = stages.run("load base model", lambda: load_base(options.base, dtype=torch.float32, device=dev))
+    head = None
+    if str(options.drafter) != "none":
+        path = default_drafter_dir() if str(options.drafter) == "default" else Path(options.drafter)
+        if not path.exists():
+            raise FileNotFoundError(f"drafter directory {str(path)!r} does not exist (train one with "
+                                    "`redrafter train`, or build without one with --drafter none)")
+        head = stages.run("load drafter", lambda: load_drafter(path, dtype=dtype, device=dev))
+        check_compatible(head.cfg, model.cfg.vocab_size, model.cfg.hidden_size)
+    else:
+        stages.run("load drafter", lambda: None)
+    model = stages.run("convert weights", lambda: _convert(model, opts))
+
+    def write_weights() -> None:
+        state = model.state_dict()
+        if model.cfg.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / BASE_WEIGHTS))
+        if head is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+                      str(tmp / DRAFTER_WEIGHTS))
+
+    stages.run("write weights", write_weights)
+    stages.run("write tokenizer", lambda: load_tokenizer(base_dir).save_pretrained(str(tmp / TOKENIZER_DIR)))
+    programs, missing_trt = {}, []
+    if opts.backend != "eager":
+        (tmp / PROGRAMS_DIR).mkdir()
+        programs = _compile(tmp, model, head, opts, stages)
+    if opts.backend == "tensorrt":
+        from .tensorrt import missing_requirements
+
+        missing_trt = missing_requirements()
+        if missing_trt:
+            opts = EngineOptions(**{**opts.__dict__, "backend": "onnx"})
+            stages.run("build TensorRT plans", lambda: None)
+        else:
+            programs |= stages.run("build TensorRT plans", lambda: _tensorrt_plans(tmp, programs, opts, model))
+
+    def finish() -> None:
+        cfg = engine_config(model.cfg, head.cfg if head else None, opts, programs, plugin_versions(),
+                            file_checksums(tmp))
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
+        read_config(tmp)  # the engine must pass its own loader's checks
+
+    stages.run("checksums and config", finish)
+    stages.close()
+    return missing_trt
+
+
+def _convert(model, opts: EngineOptions):
+    """int8 quantization from the fp32 weights first, then the rest to the engine dtype."""
+    if opts.quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    return model.to(opts.torch_dtype)
+
+
+def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dict[str, str]:
+    from .programs import (DRAFT_INPUTS, FORWARD_INPUTS, BaseForward, DraftBeams, draft_examples,
+                           forward_examples)
+
+    capacity = opts.max_seq_len + opts.beam_width * opts.beam_length
+    programs = {}
+    if opts.backend == "aoti":
+        from .export_aoti import compile_aoti, verify_forward
+
+        args, shapes = forward_examples(model, opts.max_batch_size, capacity)
+        forward = tmp / PROGRAMS_DIR / "forward.pt2"
+        stages.run("compile forward (AOTInductor)", lambda: compile_aoti(BaseForward(model), args, shapes, forward))
+        stages.run("verify forward against eager",
+                   lambda: verify_forward(forward, model, opts.max_batch_size, capacity))
+        programs["forward"] = f"{PROGRAMS_DIR}/forward.pt2"
+        if head is not None:
+            dargs, dshapes = draft_examples(model, opts.max_batch_size)
+            stages.run("compile draft (AOTInductor)", lambda: compile_aoti(
+                DraftBeams(model, head, opts.beam_width, opts.beam_length), dargs, dshapes,
+                tmp / PROGRAMS_DIR / "draft.pt2"))
+            programs["draft"] = f"{PROGRAMS_DIR}/draft.pt2"
+        else:
+            stages.run("compile draft (AOTInductor)", lambda: None)
+        return programs
+    from .export_onnx import DRAFT_OUTPUTS, FORWARD_OUTPUTS, export_onnx
+
+    args, shapes = forward_examples(model, opts.max_batch_size, capacity)
+    stages.run("export forward (ONNX)", lambda: export_onnx(
+        BaseForward(model, functional=True), args, shapes, tmp / PROGRAMS_DIR / "forward.onnx",
+        FORWARD_INPUTS, FORWARD_OUTPUTS))
+    programs["forward"] = f"{PROGRAMS_DIR}/forward.onnx"
+    if head is not None:
+        dargs, dshapes = draft_examples(model, opts.max_batch_size)
+        stages.run("export draft (ONNX)", lambda: export_onnx(
+            DraftBeams(model, head, opts.beam_width, opts.beam_length), dargs, dshapes,
+            tmp / PROGRAMS_DIR / "draft.onnx", DRAFT_INPUTS, DRAFT_OUTPUTS))
+        programs["draft"] = f"{PROGRAMS_DIR}/draft.onnx"
+    else:
+        stages.run("export draft (ONNX)", lambda: None)
+    return programs
+
+
+def _tensorrt_plans(tmp: Path, programs: dict[str, str], opts: EngineOptions, model) -> dict[str, str]:
+    """Optimization profiles cover batch 1..max_batch_size and 1..capacity-1 new tokens/keys."""
+    from .tensorrt import build_plans
+
+    c = model.cfg
+    cap = opts.max_seq_len + opts.beam_width * opts.beam_length
+    bmax, opt_t = opts.max_batch_size, opts.beam_width * opts.beam_length
+    cache = (c.num_layers, bmax, cap, c.num_kv_heads, c.head_dim)
+    profiles = {
+        "forward": {"tokens": ((1, 1), (1, opt_t), (bmax, cap - 1)),
+                    "positions": ((1, 1), (1, opt_t), (bmax, cap - 1)),
+                    "k_cache": (cache, cache, cache), "v_cache": (cache, cache, cache),
+                    "slots": ((1,), (1,), (bmax,)), "starts": ((1,), (1,), (bmax,)),
+                    "mask": ((1, 1, 1), (1, opt_t, cap // 2), (bmax, cap - 1, cap - 1))},
+        "draft": {"context": ((1, c.hidden_size), (1, c.hidden_size), (bmax, c.hidden_size)),
+                  "first_token": ((1,), (1,), (bmax,))},
+    }
+    onnx_files = {n: tmp / rel for n, rel in programs.items()}
+    plans = build_plans(onnx_files, tmp / PROGRAMS_DIR, profiles, fp16=opts.dtype == "float16")
+    return {f"{n}_plan": p.relative_to(tmp).as_posix() for n, p in plans.items()}
+
+
+def plugin_versions() -> dict[str, Any]:
+    """The redrafter:: custom ops present at build time. The programs are exported from the
+    plain PyTorch code, so none of them is baked into an engine (recorded for provenance)."""
+    try:
+        import redrafter.plugins.ops  # noqa: F401  (registers the ops)
+    except Exception as e:  # a plugin import failure must not break a build that does not use it
+        return {"available": False, "error": f"{type(e).__name__}: {e}", "used_in_programs": []}
+    from importlib.metadata import version
+
+    ops = sorted(n for n in ("beam_draft", "pack_beams", "packed_attention", "kv_commit")
+                 if hasattr(torch.ops.redrafter, n))
+    return {"available": True, "version": version("redrafter"), "ops": ops, "used_in_programs": []}
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and not (out.is_dir() and ((out / CONFIG).is_file() or not any(out.iterdir()))):
+        raise ValueError(f"output {str(out)!r} exists and is not an engine directory: "
+                         "choose another --output or remove it")
+    if out.is_dir() and (out / CONFIG).is_file():
+        try:
+            from_json = json.loads((out / CONFIG).read_text())
+        except json.JSONDecodeError:
+            from_json = {}
+        if from_json.get("format") != "redrafter-engine":
+            raise ValueError(f"output {str(out)!r} holds a config.json that is not a redrafter engine's: "
+                             "choose another --output")
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary directories of builds of `out` that were killed (SIGKILL skips cleanup)."""
+    for tmp in out.parent.glob(f".{out.name}.building-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in [*root.rglob("*"), root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename tmp to out; an existing engine (or empty dir) at out is swapped out and removed."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,36 @@
+"""`redrafter build`: base model + drafter -> engine directory."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    from . import BACKENDS, DTYPE_NAMES, QUANTIZE
+
+    p = subparsers.add_parser("build", help="build an engine directory (weights, tokenizer, compiled programs)",
+                              description=__doc__)
+    p.add_argument("--base", default="default", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--drafter", default="default", help="drafter dir (Apple layout), 'default' (shipped drafter) or 'none'")
+    p.add_argument("--output", required=True, help="engine directory to write (replaced atomically if it is an engine)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
+    p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
+                   help="int8: weight-only int8 (per output channel) for the base model's block projections")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the engine runs (compiled programs are device-specific)")
+    p.add_argument("--backend", default="aoti", choices=list(BACKENDS))
+    p.add_argument("--beam-width", type=int, default=4, help="W: beams drafted per step")
+    p.add_argument("--beam-length", type=int, default=4, help="L: tokens per beam, counting the guaranteed token")
+    p.add_argument("--max-batch-size", type=int, default=1)
+    p.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + completion, in tokens")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .build import BuildOptions, build_engine
+
+    out = build_engine(BuildOptions(
+        output=args.output, base=args.base, drafter=args.drafter, dtype=args.dtype, quantize=args.quantize,
+        device=args.device, backend=args.backend, beam_width=args.beam_width, beam_length=args.beam_length,
+        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, progress=not args.no_progress))
+    print(out)
+    return 0

@@ -1,0 +1,82 @@
+"""Compare engines in one run: same prompts, each engine's ReDrafter and plain decoding, in turns.
+
+    python -m redrafter.builder.compare ENGINE_DIR... [--questions 5] [--max-new-tokens 128]
+
+Engines and modes take turns prompt by prompt (after one warm-up generation each), so load
+drift on a shared machine spreads over all of them. Prints a markdown table; checks that each
+engine's ReDrafter output equals its own plain greedy output.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("engines", nargs="+", type=Path)
+    p.add_argument("--questions", type=int, default=5, help="first MT-Bench first turns")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--json", dest="json_out", help="write the figures here")
+    args = p.parse_args(argv)
+    import torch
+
+    from redrafter.builder.engine import load_engine
+    from redrafter.datasets import mtbench_first_turns
+    from redrafter.runtime.decoding import generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = mtbench_first_turns(args.questions)
+    systems = []  # (label, decoder, eos)
+    for path in args.engines:
+        e = load_engine(path)
+        prompts = [e.encode_chat(t) for t in texts]
+        modes = [("plain", False)] + ([("redrafter", True)] if e.drafter is not None else [])
+        for mode, spec in modes:
+            label = f"{path.name} {mode}"
+            d = e.decoder(speculative=spec)
+            generate(d, [prompts[0]], 16, e.eos_ids)  # warm-up
+            systems.append((label, d, e.eos_ids, prompts))
+    runs: dict[str, list] = {s[0]: [] for s in systems}
+    for i in range(len(texts)):
+        for label, d, eos, prompts in systems:
+            t = time.perf_counter()
+            g = generate(d, [prompts[i]], args.max_new_tokens, eos)[0]
+            runs[label].append((g, time.perf_counter() - t))
+    rows, ok = [], True
+    for label, _, _, _ in systems:
+        gens = runs[label]
+        tokens = sum(len(g.token_ids) for g, _ in gens)
+        seconds = sum(s for _, s in gens)
+        steps = sum(g.steps for g, _ in gens)
+        rows.append({"system": label, "tokens": tokens, "seconds": round(seconds, 2),
+                     "tok_per_s": round(tokens / seconds, 2),
+                     "median_tok_per_s": round(statistics.median(len(g.token_ids) / s for g, s in gens), 2),
+                     "tokens_per_step": round((tokens - len(gens)) / max(steps, 1), 3),
+                     "ttft_ms": round(statistics.median(g.prefill_s for g, _ in gens) * 1e3, 1)})
+        plain = f"{label.rsplit(' ', 1)[0]} plain"
+        if label.endswith("redrafter"):
+            same = [g.token_ids for g, _ in gens] == [g.token_ids for g, _ in runs[plain]]
+            rows[-1]["equals_plain"] = same
+            ok &= same
+    print("| system | tok/s (total) | median tok/s | tokens/step | TTFT ms (median) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['system']} | {r['tok_per_s']} | {r['median_tok_per_s']} | {r['tokens_per_step']} | {r['ttft_ms']} |")
+    print(f"{len(texts)} MT-Bench prompts x {args.max_new_tokens} new tokens, batch 1, "
+          f"{torch.get_num_threads()} threads")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=2))
+    if not ok:
+        print("MISMATCH: ReDrafter output differs from plain greedy on the same engine", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""The engine directory format and its loader.
+
+An engine directory (written by `redrafter build`, read by `load_engine` / `Session.open`):
+
+    config.json            format, schema_version, base (LlamaConfig), drafter (DrafterConfig
+                           or null), build options, programs, plugin versions, and the sha256
+                           of every other file
+    base.safetensors       base weights in the engine dtype (runtime.model names; with int8,
+                           block projections as int8 `weight` + per-channel `scale`)
+    drafter.safetensors    draft head weights (absent for an engine without drafter)
+    tokenizer/             tokenizer files and chat template
+    programs/              compiled programs: forward.pt2 + draft.pt2 (aoti) or
+                           forward.onnx + draft.onnx (onnx, tensorrt); none for eager
+
+Programs never hold weights of their own on the aoti path: the loader feeds them the
+tensors read from the safetensors files, shared with the eager embedding and LM head.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from redrafter.runtime.decoding import Decoder
+from redrafter.runtime.drafter import DraftHead, DrafterConfig
+from redrafter.runtime.model import Llama, LlamaConfig, rope_inv_freq
+
+from . import BACKENDS, DTYPE_NAMES, QUANTIZE
+
+FORMAT = "redrafter-engine"
+SCHEMA_VERSION = 1
+CONFIG = "config.json"
+BASE_WEIGHTS = "base.safetensors"
+DRAFTER_WEIGHTS = "drafter.safetensors"
+TOKENIZER_DIR = "tokenizer"
+PROGRAMS_DIR = "programs"
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+
+
+@dataclass
+class EngineOptions:
+    """Build options recorded in config.json["build"]."""
+    beam_width: int = 4
+    beam_length: int = 4
+    max_batch_size: int = 1
+    max_seq_len: int = 2048
+    dtype: str = "float32"
+    quantize: str = "none"
+    device: str = "cpu"
+    backend: str = "aoti"
+
+    def validate(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"unknown quantization {self.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+        for name in ("beam_width", "beam_length", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "EngineOptions":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_checksums(root: Path) -> dict[str, str]:
+    """sha256 of every file under root except config.json, keyed by POSIX relative path."""
+    return {p.relative_to(root).as_posix(): sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).as_posix() != CONFIG}
+
+
+def read_config(path: Path, verify: bool = True) -> dict[str, Any]:
+    """Read and validate config.json; with verify, check every listed file's checksum."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"engine directory {str(path)!r} does not exist: build one with `redrafter build`")
+    cfg_file = path / CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no {CONFIG}: not an engine directory "
+                                "(build one with `redrafter build`)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(cfg_file)!r} is not valid JSON ({e}): rebuild the engine") from None
+    if cfg.get("format") != FORMAT:
+        raise ValueError(f"{str(cfg_file)!r} has format {cfg.get('format')!r}, expected {FORMAT!r}: "
+                         "not a redrafter engine")
+    version = cfg.get("schema_version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"engine schema_version {version!r} is invalid: rebuild the engine")
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"engine schema_version {version} is newer than this redrafter supports "
+                         f"({SCHEMA_VERSION}): upgrade redrafter or rebuild the engine with this version")
+    for key in ("base", "build", "files"):
+        if key not in cfg:
+            raise ValueError(f"{str(cfg_file)!r} lacks the {key!r} section: rebuild the engine")
+    if verify:
+        for rel, digest in cfg["files"].items():
+            f = path / rel
+            if not f.is_file():
+                raise FileNotFoundError(f"engine file {rel!r} is missing from {str(path)!r}: "
+                                        "the engine is incomplete, rebuild it")
+            if sha256(f) != digest:
+                raise ValueError(f"checksum mismatch for engine file {rel!r} in {str(path)!r}: "
+                                 "the file is corrupted or was modified, rebuild the engine")
+    base, drafter = cfg["base"], cfg.get("drafter")
+    if drafter is not None and (drafter["vocab_size"] != base["vocab_size"]
+                                or drafter["hidden_size"] != base["hidden_size"]):
+        raise ValueError(f"engine drafter (vocab {drafter['vocab_size']}, hidden {drafter['hidden_size']}) "
+                         f"does not fit its base model (vocab {base['vocab_size']}, hidden "
+                         f"{base['hidden_size']}): rebuild with a drafter trained for this base")
+    return cfg
+
+
+def load_base_weights(path: Path, cfg: LlamaConfig, quantize: str, dtype: torch.dtype,
+                      device: torch.device) -> Llama:
+    """The base model from base.safetensors (int8 block projections when quantized)."""
+    from .quantize import empty_int8
+
+    with torch.device("meta"):
+        model = Llama(cfg)
+        if quantize == "int8":
+            empty_int8(model)
+    state = load_file(str(path / BASE_WEIGHTS), device=str(device))
+    tied = cfg.tie_word_embeddings
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{BASE_WEIGHTS} does not match the engine's base config (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}): rebuild the engine")
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    for p in model.parameters():
+        if p.dtype.is_floating_point and p.dtype != dtype:
+            raise ValueError(f"{BASE_WEIGHTS} holds {p.dtype} weights but the engine says {dtype}: rebuild it")
+    return model.eval().requires_grad_(False)
+
+
+def load_drafter_weights(path: Path, cfg: DrafterConfig, device: torch.device) -> DraftHead:
+    with torch.device("meta"):
+        head = DraftHead(cfg)
+    try:
+        head.load_state_dict(load_file(str(path / DRAFTER_WEIGHTS), device=str(device)), assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{DRAFTER_WEIGHTS} does not match the engine's drafter config: {e}") from None
+    return head.eval().requires_grad_(False)
+
+
+class Engine:
+    """A loaded engine: weights, tokenizer, and the compiled programs of its backend."""
+
+    def __init__(self, path: Path, config: dict[str, Any], model: Llama, drafter: DraftHead | None,
+                 tokenizer: Any):
+        self.path, self.config = path, config
+        self.options = EngineOptions.from_json(config["build"])
+        self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
+        self._programs: tuple[Any, Any] | None = None
+
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = list(self.model.cfg.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None and tok_eos not in ids:
+            ids.append(tok_eos)
+        return ids
+
+    def encode_chat(self, text: str) -> list[int]:
+        """The prompt rendered with the model's chat template (plain text if it has none)."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return list(tok.apply_chat_template([{"role": "user", "content": text}],
+                                                add_generation_prompt=True, return_dict=False))
+        return list(tok.encode(text))
+
+    def programs(self) -> tuple[Any, Any]:
+        """(forward, draft) callables for the engine's backend; (None, None) for eager.
+        Loaded once and shared by every decoder of this engine."""
+        if self._programs is None:
+            self._programs = _load_programs(self)
+        return self._programs
+
+    def decoder(self, max_batch_size: int | None = None, speculative: bool = True) -> Decoder:
+        """A Decoder over this engine. Compiled programs take the cache of the built batch
+        size, so a compiled engine's decoder always has max_batch_size slots.
+        speculative=False gives plain greedy decoding of the same engine (the baseline)."""
+        o = self.options
+        n = max_batch_size or o.max_batch_size
+        if n > o.max_batch_size:
+            raise ValueError(f"max_batch_size {n} exceeds the engine's {o.max_batch_size}: "
+                             "rebuild with a larger --max-batch-size")
+        forward, draft = self.programs()
+        model = self.model
+        if forward is not None:
+            from .programs import CompiledBase
+
+            n = o.max_batch_size
+            model = CompiledBase(self.model, forward, (n, o.max_seq_len + o.beam_width * o.beam_length))
+        drafter = self.drafter if speculative else None
+        return Decoder(model, drafter, max_batch=n, max_seq_len=o.max_seq_len, beam_width=o.beam_width,
+                       beam_length=o.beam_length, draft=draft if speculative else None)
+
+
+def _load_programs(engine: Engine) -> tuple[Any, Any]:
+    o, progs = engine.options, engine.config.get("programs") or {}
+    if o.backend == "eager":
+        return None, None
+    from .programs import BaseForward, DraftBeams, dense
+
+    fwd_file = engine.path / progs["forward"]
+    draft_file = engine.path / progs["draft"] if progs.get("draft") else None
+    if o.backend == "aoti":
+        from .export_aoti import load_aoti
+
+        forward = load_aoti(fwd_file, BaseForward(engine.model))
+        draft = None
+        if draft_file is not None and engine.drafter is not None:
+            draft = dense(load_aoti(draft_file, DraftBeams(engine.model, engine.drafter, o.beam_width,
+                                                           o.beam_length)))
+        return forward, draft
+    if o.backend == "onnx":
+        from .export_onnx import OrtDraft, OrtForward
+
+        return OrtForward(fwd_file), (dense(OrtDraft(draft_file)) if draft_file is not None else None)
+    from .tensorrt import load_tensorrt
+
+    return load_tensorrt(engine)
+
+
+def load_engine(path: str | os.PathLike, device: str | torch.device | None = None,
+                verify: bool = True) -> Engine:
+    """Open an engine directory. Checks the schema and every file's checksum first, so a
+    missing or corrupted file fails with a clear error before any weight is read."""
+    path = Path(path)
+    cfg = read_config(path, verify=verify)
+    options = EngineOptions.from_json(cfg["build"])
+    options.validate()
+    dev = torch.device(device or options.device)
+    if options.backend in ("aoti", "tensorrt") and dev.type != torch.device(options.device).type:
+        raise ValueError(f"this {options.backend} engine was compiled for {options.device}, not {dev}: "
+                         f"rebuild it with --device {dev.type}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("this engine runs on cuda but no CUDA device is available: rebuild it with --device cpu")
+    base_cfg = LlamaConfig(**cfg["base"])
+    model = load_base_weights(path, base_cfg, options.quantize, options.torch_dtype, dev)
+    drafter = None
+    if cfg.get("drafter") is not None:
+        drafter = load_drafter_weights(path, DrafterConfig.from_json(cfg["drafter"]), dev)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+    return Engine(path, cfg, model, drafter, tokenizer)
+
+
+def engine_config(base: LlamaConfig, drafter: DrafterConfig | None, options: EngineOptions,
+                  programs: dict[str, str], plugins: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("redrafter")
+    except PackageNotFoundError:
+        ours = None
+    return {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION,
+        "created_by": {"redrafter": ours, "torch": torch.__version__},
+        "base": base.to_dict(), "drafter": drafter.to_json() if drafter else None,
+        "build": asdict(options), "programs": programs, "plugins": plugins, "files": files,
+    }

@@ -1,0 +1,65 @@
+"""torch.export + AOTInductor: compile a program into a .pt2 package without weights, and load
+it back with the engine's own tensors as its constants."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Weights stay out of the package: the loader hands the program the tensors it read from the
+# engine's safetensors (user-managed, so the forward and draft programs share one copy).
+INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+
+
+def compile_aoti(module: nn.Module, args: tuple, dynamic_shapes, path: Path) -> Path:
+    """Export `module` at `args` (with `dynamic_shapes`) and write the AOTInductor package."""
+    import torch._inductor
+
+    with torch.no_grad():
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        out = torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                      inductor_configs=INDUCTOR_CONFIGS)
+    return Path(out)
+
+
+def load_aoti(path: Path, module: nn.Module):
+    """Load a package and bind the constants it needs to `module`'s parameters and buffers
+    (the same module structure it was exported from, holding the engine's weights)."""
+    import torch._inductor
+
+    program = torch._inductor.aoti_load_package(str(path))
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    needed = program.get_constant_fqns()
+    missing = [n for n in needed if n not in tensors]
+    if missing:
+        raise ValueError(f"program {path.name} needs tensors the engine does not hold ({missing[:3]}): "
+                         "the engine was built by another redrafter version, rebuild it")
+    program.load_constants({n: tensors[n] for n in needed}, check_full_update=True, user_managed=True)
+    return program
+
+
+def verify_forward(path: Path, model, max_batch: int, capacity: int, tokens: int = 8) -> None:
+    """Run the compiled forward against the eager model on a random prompt; a build whose
+    program disagrees (or returns non-finite values) fails here instead of shipping."""
+    from .programs import BaseForward
+    from redrafter.runtime.model import attention_mask, causal_mask
+
+    program = load_aoti(path, BaseForward(model))
+    dev = model.embed.weight.device
+    ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
+    positions = torch.arange(tokens, device=dev)[None]
+    slots, starts = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
+    mask = attention_mask(starts, causal_mask(1, tokens, dev), tokens)
+    caches = [model.new_cache(max_batch, capacity) for _ in range(2)]
+    with torch.inference_mode():
+        ref = model.forward_masked(ids, positions, caches[0], slots, starts, mask).float()
+        got = program(ids, positions, caches[1].k, caches[1].v, slots, starts, mask.contiguous()).float()
+    tol = 1e-3 if model.embed.weight.dtype == torch.float32 else 5e-2
+    err = (got - ref).abs().max().item()
+    if not torch.isfinite(got).all() or err > tol * max(ref.abs().max().item(), 1.0):
+        raise ValueError(f"the compiled forward program disagrees with eager PyTorch (max abs difference {err:.3g}, "
+                         f"finite: {bool(torch.isfinite(got).all())}) for dtype {model.embed.weight.dtype}: "
+                         "AOTInductor miscompiles this configuration here; build with --backend eager or "
+                         "--dtype float32")

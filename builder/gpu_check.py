@@ -1,0 +1,137 @@
+"""Prepared device check: build and run small engines and print timings, one JSON line per engine.
+
+    python -m redrafter.builder.gpu_check --device cuda            # SmolLM2-135M shape, random weights
+    python -m redrafter.builder.gpu_check --device cpu --layers 2  # the quick CPU path (CI-sized)
+
+The GPU machines hold no model files, so the base model is a random Llama of SmolLM2-135M's
+shape (30 layers, hidden 576, 9/3 heads, vocab 49152, tied) with a random shared-head drafter
+and a synthetic word-level tokenizer; prompts are random token ids. A random drafter is
+(almost) never accepted, so ReDrafter timings here measure the cost of a speculative step,
+not a speedup. Checks: every backend's greedy tokens equal eager's (fp32), and ReDrafter's
+equal plain decoding's on each engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+               num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+               bos_token_id=1, eos_token_ids=[2])
+
+
+def random_checkpoint(root: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
+    """A random SmolLM2-shaped HF directory (with a synthetic tokenizer) and a drafter directory."""
+    from redrafter.runtime.drafter import DraftHead, DrafterConfig, save_drafter
+    from redrafter.runtime.loading import save_hf_checkpoint
+    from redrafter.runtime.model import Llama, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**(SMOLLM2 | {"num_layers": layers}))
+    model = Llama(cfg)
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.05)
+    base = save_hf_checkpoint(model, root / "base")
+    _synthetic_tokenizer(cfg.vocab_size).save_pretrained(str(base))
+    head = DraftHead(DrafterConfig.for_base(cfg.vocab_size, cfg.hidden_size, head="shared"))
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    return base, save_drafter(head, root / "drafter")
+
+
+def _synthetic_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_engine(path: Path, prompt: list[int], new_tokens: int, device: str) -> dict:
+    from redrafter.builder.engine import load_engine
+    from redrafter.runtime.decoding import generate
+
+    t = time.perf_counter()
+    engine = load_engine(path)
+    load_s = time.perf_counter() - t
+    out = {"engine": path.name, "load_s": round(load_s, 2)}
+    for mode, spec in (("redrafter", True), ("plain", False)):
+        decoder = engine.decoder(speculative=spec)
+        generate(decoder, [prompt], 8, ())  # warm-up (first calls allocate / autotune)
+        _sync(device)
+        t = time.perf_counter()
+        g = generate(decoder, [prompt], new_tokens, ())[0]
+        _sync(device)
+        seconds = time.perf_counter() - t
+        out[mode] = {"tokens": g.token_ids, "tok_per_s": round(len(g.token_ids) / seconds, 1),
+                     "ttft_ms": round(g.prefill_s * 1e3, 2), "steps": g.steps,
+                     "ms_per_step": round((seconds - g.prefill_s) / max(g.steps, 1) * 1e3, 2),
+                     "tokens_per_step": round(g.tokens_per_step, 3)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M: 30)")
+    p.add_argument("--backends", default="eager,aoti", help="comma list of eager, aoti, onnx")
+    p.add_argument("--int8", action="store_true", help="also build and run an int8 aoti engine")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--beam-width", type=int, default=4)
+    p.add_argument("--beam-length", type=int, default=4)
+    p.add_argument("--out", help="also write the results here (JSON)")
+    args = p.parse_args(argv)
+    from redrafter.builder.build import BuildOptions, build_engine
+
+    info = {"device": args.device, "torch": torch.__version__,
+            "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "layers": args.layers}
+    print(json.dumps(info), flush=True)
+    results, ok = [], True
+    with tempfile.TemporaryDirectory(prefix="redrafter-gpu-check-") as tmp:
+        root = Path(tmp)
+        base, drafter = random_checkpoint(root, args.layers)
+        prompt = torch.randint(3, SMOLLM2["vocab_size"], (args.prompt_len,),
+                               generator=torch.Generator().manual_seed(1)).tolist()
+        plan = [(b, "none") for b in args.backends.split(",")] + ([("aoti", "int8")] if args.int8 else [])
+        for backend, quant in plan:
+            t = time.perf_counter()
+            path = build_engine(BuildOptions(
+                output=root / f"{backend}-{quant}", base=base, drafter=drafter, backend=backend, quantize=quant,
+                device=args.device, beam_width=args.beam_width, beam_length=args.beam_length, max_batch_size=1,
+                max_seq_len=args.prompt_len + args.new_tokens + 16, progress=False))
+            r = run_engine(path, prompt, args.new_tokens, args.device) | {"build_s": round(time.perf_counter() - t, 1)}
+            r["redrafter_equals_plain"] = r["redrafter"]["tokens"] == r["plain"]["tokens"]
+            ok &= r["redrafter_equals_plain"]
+            results.append(r)
+        ref = next((r for r in results if r["engine"] == "eager-none"), None)
+        for r in results:
+            if ref is not None and r["engine"].endswith("-none"):
+                r["equals_eager"] = r["plain"]["tokens"] == ref["plain"]["tokens"]
+                ok &= r["equals_eager"]
+        for r in results:
+            for mode in ("redrafter", "plain"):
+                r[mode].pop("tokens")
+            print(json.dumps(r), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"info": info, "results": results, "ok": ok}, indent=2))
+    print("OK" if ok else "MISMATCH: a backend's tokens differ (see equals_eager / redrafter_equals_plain)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

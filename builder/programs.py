@@ -1,0 +1,161 @@
+"""The engine's programs as exportable modules, and the runtime adapters that run them.
+
+Two programs (compiled separately; a single fused draft->pack->verify->accept program is not
+built: packing has a data-dependent length and acceptance/commit are a few cheap host ops):
+
+- forward: the base model over new tokens against the KV cache, used for prefill, plain steps
+  and packed verification. Inputs: tokens/positions [B, T], the caches k/v (mutated in place
+  for AOTInductor), slots/starts [B] and the visibility mask [B, T, S] over cache positions
+  [0, S) (S = longest committed length + T). B, T and S are dynamic dimensions.
+- draft: beam drafting with the recurrent head, context [B, H] + guaranteed token [B] ->
+  beams [B, W, L] (W and L fixed at build time).
+
+`CompiledBase` wraps a forward program so that it quacks like `runtime.model.Llama` for the
+`Decoder`; the draft program plugs into `Decoder(draft=...)`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from redrafter.runtime.beam_search import beam_search
+from redrafter.runtime.drafter import DraftHead
+from redrafter.runtime.model import KVCache, Llama, attention_mask
+
+# Signature of a forward program: (tokens, positions, k, v, slots, starts, mask) -> hidden,
+# writing the new keys/values into k and v.
+ForwardProgram = Callable[..., Tensor]
+DraftProgram = Callable[[Tensor, Tensor], Tensor]
+
+FORWARD_INPUTS = ("tokens", "positions", "k_cache", "v_cache", "slots", "starts", "mask")
+DRAFT_INPUTS = ("context", "first_token")
+
+
+def cache_view(k: Tensor, v: Tensor) -> KVCache:
+    """A KVCache over existing tensors (no allocation)."""
+    cache = KVCache.__new__(KVCache)
+    cache.k, cache.v = k, v
+    return cache
+
+
+class BaseForward(nn.Module):
+    """Exportable base forward. functional=False writes the cache in place (AOTInductor);
+    functional=True (ONNX, which has no in-place inputs) leaves the inputs alone and also
+    returns the new keys/values [layers, B, T, kv_heads, head_dim] for the host to write."""
+
+    def __init__(self, model: Llama, functional: bool = False):
+        super().__init__()
+        self.model, self.functional = model, functional
+        self.train(False)
+
+    def forward(self, tokens: Tensor, positions: Tensor, k: Tensor, v: Tensor, slots: Tensor,
+                starts: Tensor, mask: Tensor):
+        if self.functional:
+            k, v = k.clone(), v.clone()
+        hidden = self.model.forward_masked(tokens, positions, cache_view(k, v), slots, starts, mask)
+        if not self.functional:
+            return hidden
+        rows, pos = new_rows(slots, starts, tokens.shape[1])
+        return hidden, k[:, rows, pos], v[:, rows, pos]
+
+
+class DraftBeams(nn.Module):
+    """Exportable beam drafting: the recurrent head plus the base embedding (and LM head for
+    a shared-head drafter), which the engine shares with the base model."""
+
+    def __init__(self, model: Llama, head: DraftHead, width: int, length: int):
+        super().__init__()
+        self.head, self.embed = head, model.embed
+        self.lm_head = model.lm_head if head.cfg.head == "shared" else None
+        self.width, self.length = width, length
+        self.train(False)
+
+    def forward(self, context: Tensor, first_token: Tensor) -> Tensor:
+        base_head = self.lm_head.weight if self.lm_head is not None else None
+        beams, _ = beam_search(self.head, self.embed.weight, base_head, context, first_token,
+                               self.width, self.length)
+        return beams
+
+
+def dense(program: Callable) -> Callable:
+    """Call `program` with contiguous inputs: compiled code assumes dense row-major tensors."""
+    return lambda *args: program(*(a.contiguous() for a in args))
+
+
+def new_rows(slots: Tensor, starts: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    """Cache coordinates [B, T] (slot, position) of T new tokens written after `starts`."""
+    rows = slots[:, None].expand(-1, t)
+    return rows, starts[:, None] + torch.arange(t, device=slots.device)
+
+
+def forward_examples(model: Llama, max_batch: int, capacity: int) -> tuple[tuple, dict]:
+    """Example inputs (batch 2 where the engine allows, so the batch stays dynamic) and the
+    dynamic shapes of the forward program."""
+    from torch.export import Dim
+
+    b, t, start = min(2, max_batch), 3, 2
+    dev = model.embed.weight.device
+    cache = model.new_cache(max_batch, capacity)
+    tokens = torch.zeros(b, t, dtype=torch.long, device=dev)
+    starts = torch.full((b,), start, dtype=torch.long, device=dev)
+    positions = starts[:, None] + torch.arange(t, device=dev)
+    slots = torch.arange(b, device=dev)
+    tree = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None].expand(b, t, t)
+    mask = attention_mask(starts, tree, start + t)
+    batch = Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
+    tokens_dim = Dim("tokens", min=1, max=capacity - 1)
+    # One below the capacity: at S == capacity the slice of the cache is the whole cache, which
+    # export would specialise; the decoder never needs it (S <= max_seq_len - 1 + W * L).
+    span = Dim("span", min=1, max=capacity - 1)
+    bt = {0: batch, 1: tokens_dim} if batch else {1: tokens_dim}
+    shapes = (bt, bt, None, None, {0: batch} if batch else None, {0: batch} if batch else None,
+              {0: batch, 1: tokens_dim, 2: span} if batch else {1: tokens_dim, 2: span})
+    return (tokens, positions, cache.k, cache.v, slots, starts, mask), shapes
+
+
+def draft_examples(model: Llama, max_batch: int) -> tuple[tuple, dict]:
+    from torch.export import Dim
+
+    b = min(2, max_batch)
+    w = model.embed.weight
+    context = torch.zeros(b, model.cfg.hidden_size, dtype=w.dtype, device=w.device)
+    first = torch.zeros(b, dtype=torch.long, device=w.device)
+    batch = Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
+    return (context, first), (({0: batch}, {0: batch}) if batch else (None, None))
+
+
+class CompiledBase(nn.Module):
+    """Runs a forward program with the `Llama` interface the Decoder uses. The embedding and
+    LM head stay as eager modules over the engine's weights (the drafter and the logits use
+    them); the blocks run only inside the program."""
+
+    def __init__(self, model: Llama, program: ForwardProgram, cache_shape: tuple[int, int]):
+        super().__init__()
+        self.cfg = model.cfg
+        self.embed, self.lm_head = model.embed, model.lm_head
+        self.program, self.cache_shape = program, tuple(cache_shape)
+
+    def new_cache(self, slots: int, capacity: int) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.cfg, slots, capacity, p.dtype, p.device)
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
+                starts: Tensor, tree_mask: Tensor, use_plugins: bool = False) -> Tensor:
+        if use_plugins:
+            raise ValueError("a compiled engine runs its own programs: open it without use_plugins")
+        span = int(starts.max()) + tokens.shape[1]
+        if span >= cache.capacity:
+            raise ValueError(f"sequence needs {span} cache positions but the engine's cache holds "
+                             f"{cache.capacity - 1}: raise --max-seq-len when building the engine")
+        if cache.k.shape[1:3] != self.cache_shape:
+            raise ValueError(f"the engine's programs take a cache of {self.cache_shape} (slots, positions), "
+                             f"got {tuple(cache.k.shape[1:3])}: use Engine.decoder()")
+        mask = attention_mask(starts, tree_mask, span)
+        # Compiled code assumes dense row-major inputs (callers pass expanded views).
+        args = (tokens, positions, cache.k, cache.v, slots, starts, mask)
+        return self.program(*(a.contiguous() for a in args))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden).float()

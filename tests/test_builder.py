@@ -1,0 +1,243 @@
+"""Engine builder: tiny engines per backend, agreement with eager, int8, corrupted engines,
+atomic builds. Each backend compiles once per session (AOTInductor takes ~30-60 s on 2 cores)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from redrafter.builder import build as build_mod
+from redrafter.builder.build import BuildOptions, build_engine
+from redrafter.builder.engine import SCHEMA_VERSION, load_engine
+from redrafter.builder.quantize import Int8Linear, quantize_weight
+from redrafter.builder.tensorrt import TensorRTUnavailable, missing_requirements
+from redrafter.runtime.decoding import Decoder, generate
+
+MAX_SEQ_LEN = 64
+PROMPTS = ["Hello there", "Write a short poem about the sea and the wind"]
+
+
+@pytest.fixture(scope="session")
+def build(tiny_hf_dir, tmp_path_factory):
+    """build(backend, quantize) -> engine dir, built once per session."""
+    base, drafter = tiny_hf_dir
+    root = tmp_path_factory.mktemp("engines")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(backend: str, quantize: str = "none") -> Path:
+        key = (backend, quantize)
+        if key not in built:
+            built[key] = build_engine(BuildOptions(
+                output=root / f"{backend}-{quantize}", base=base, drafter=drafter, backend=backend,
+                quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
+                progress=False))
+        return built[key]
+
+    return get
+
+
+def greedy(engine_dir: Path, speculative: bool = True, n: int = 24) -> list[list[int]]:
+    e = load_engine(engine_dir)
+    prompts = [e.encode_chat(p) for p in PROMPTS]
+    return [g.token_ids for g in generate(e.decoder(speculative=speculative), prompts, n, e.eos_ids)]
+
+
+def test_engine_directory_is_complete_and_checksummed(build):
+    path = build("aoti")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["format"] == "redrafter-engine" and cfg["schema_version"] == SCHEMA_VERSION
+    assert cfg["base"]["vocab_size"] == cfg["drafter"]["vocab_size"] == 49152
+    assert cfg["build"]["backend"] == "aoti" and cfg["build"]["quantize"] == "none"
+    assert cfg["build"]["beam_width"] == 3 and cfg["build"]["max_seq_len"] == MAX_SEQ_LEN
+    files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"config.json"}
+    assert set(cfg["files"]) == files
+    assert {"base.safetensors", "drafter.safetensors", "programs/forward.pt2", "programs/draft.pt2"} <= files
+    assert any(f.startswith("tokenizer/") for f in files)
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_compiled_programs_run_without_the_source_model(build, tmp_path, monkeypatch):
+    """A copied engine runs with the checkpoint loaders disabled: it reads only its own files."""
+    import redrafter.runtime.loading as loading
+
+    moved = tmp_path / "engine"
+    shutil.copytree(build("aoti"), moved)
+    eager_tokens = greedy(build("eager"))
+
+    def no_checkpoints(*args, **kwargs):
+        raise AssertionError("an engine must not read the source checkpoint")
+
+    for name in ("load_base", "resolve_base", "load_tokenizer"):
+        monkeypatch.setattr(loading, name, no_checkpoints)
+    e = load_engine(moved)
+    assert e.decoder().model.__class__.__name__ == "CompiledBase"
+    assert greedy(moved) == eager_tokens
+
+
+def test_eager_aoti_onnx_agree_and_equal_plain_greedy(build):
+    eager = greedy(build("eager"))
+    assert greedy(build("eager"), speculative=False) == eager
+    assert greedy(build("aoti")) == eager
+    assert greedy(build("onnx")) == eager
+    assert all(len(t) == 24 for t in eager)
+
+
+def test_session_opens_an_engine(build):
+    from redrafter.runtime.session import SamplingParams, Session
+
+    session = Session.open(build("aoti"))
+    try:
+        outs = session.generate(PROMPTS, SamplingParams(max_new_tokens=24))
+    finally:
+        session.close()
+    assert [o.token_ids for o in outs] == greedy(build("eager"))
+
+
+def test_int8_engine_is_lossless_wrt_its_own_plain_decoding(build):
+    path = build("aoti", "int8")
+    state = load_file(str(path / "base.safetensors"))
+    assert state["layers.0.attn.wq.weight"].dtype == torch.int8
+    assert state["layers.0.attn.wq.scale"].shape == (state["layers.0.attn.wq.weight"].shape[0],)
+    assert state["embed.weight"].dtype == torch.float32  # embedding / tied LM head stay float
+    assert greedy(path) == greedy(path, speculative=False)
+    # The eager reference of the same int8 weights agrees with the compiled programs.
+    e = load_engine(path)
+    assert isinstance(e.model.layers[0].mlp.up, Int8Linear)
+
+
+def test_int8_quantization_is_per_channel_symmetric():
+    torch.manual_seed(0)
+    w = torch.randn(32, 48) * torch.linspace(0.01, 3, 32)[:, None]  # rows of very different ranges
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert torch.all((w - q.float() * scale[:, None]).abs() <= scale[:, None] / 2 + 1e-7)
+    lin = torch.nn.Linear(48, 32)
+    lin.weight.data = w
+    x = torch.randn(5, 48)
+    ref = x @ (q.float() * scale[:, None]).t() + lin.bias
+    assert torch.allclose(Int8Linear.from_linear(lin)(x), ref, atol=1e-4)
+    # bfloat16 activations take torch's int8 matmul (aten._weight_int8pack_mm) on CPU
+    lin_bf16 = Int8Linear.from_linear(lin.to(torch.bfloat16))
+    assert lin_bf16.weight.dtype == torch.int8 and lin_bf16.scale.dtype == torch.bfloat16
+    assert torch.allclose(lin_bf16(x.bfloat16()).float(), ref, rtol=0.05, atol=0.1)
+
+
+def test_request_beyond_max_seq_len_is_rejected(build):
+    e = load_engine(build("eager"))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(e.decoder(), [e.encode_chat(PROMPTS[0])], MAX_SEQ_LEN, e.eos_ids)
+
+
+@pytest.fixture
+def copy_of_eager(build, tmp_path) -> Path:
+    dst = tmp_path / "engine"
+    shutil.copytree(build("eager"), dst)
+    return dst
+
+
+def test_missing_file_is_rejected(copy_of_eager):
+    (copy_of_eager / "drafter.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="drafter.safetensors.*missing"):
+        load_engine(copy_of_eager)
+
+
+def test_flipped_byte_is_rejected(copy_of_eager):
+    f = copy_of_eager / "base.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="checksum mismatch.*base.safetensors"):
+        load_engine(copy_of_eager)
+
+
+def _edit_config(path: Path, edit) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    edit(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_schema_version_from_the_future_is_rejected(copy_of_eager):
+    _edit_config(copy_of_eager, lambda c: c.update(schema_version=SCHEMA_VERSION + 1))
+    with pytest.raises(ValueError, match=f"schema_version {SCHEMA_VERSION + 1} is newer"):
+        load_engine(copy_of_eager)
+
+
+def test_drafter_vocab_mismatch_is_rejected(copy_of_eager):
+    _edit_config(copy_of_eager, lambda c: c["drafter"].update(vocab_size=1000))
+    with pytest.raises(ValueError, match="drafter .*vocab 1000.* does not fit"):
+        load_engine(copy_of_eager)
+
+
+def test_not_an_engine_is_rejected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_engine(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_engine(tmp_path)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("compiler crashed"), KeyboardInterrupt()])
+def test_failed_build_leaves_no_engine_directory(tiny_hf_dir, tmp_path, monkeypatch, exc):
+    base, drafter = tiny_hf_dir
+
+    def boom(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(build_mod, "_fsync_tree", boom)  # the last stage before the rename
+    out = tmp_path / "engine"
+    with pytest.raises(type(exc)):
+        build_engine(BuildOptions(output=out, base=base, drafter=drafter, backend="eager",
+                                  max_seq_len=MAX_SEQ_LEN, progress=False))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rebuild_keeps_the_old_engine(copy_of_eager, tiny_hf_dir, monkeypatch):
+    base, drafter = tiny_hf_dir
+    before = (copy_of_eager / "config.json").read_text()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("tokenizer stage failed")
+
+    monkeypatch.setattr(build_mod, "_fsync_tree", boom)
+    with pytest.raises(RuntimeError):
+        build_engine(BuildOptions(output=copy_of_eager, base=base, drafter=drafter, backend="eager",
+                                  max_seq_len=MAX_SEQ_LEN, progress=False))
+    assert (copy_of_eager / "config.json").read_text() == before
+    assert sorted(p.name for p in copy_of_eager.parent.iterdir()) == ["engine"]
+    load_engine(copy_of_eager)
+
+
+def test_tensorrt_without_tensorrt_writes_onnx_and_says_what_is_missing(tiny_hf_dir, tmp_path):
+    if not missing_requirements():
+        pytest.fail("this test describes machines without TensorRT or a GPU; this one has both")
+    base, drafter = tiny_hf_dir
+    out = tmp_path / "engine"
+    with pytest.raises(TensorRTUnavailable, match="TensorRT engine not built: this machine lacks") as info:
+        build_engine(BuildOptions(output=out, base=base, drafter="none", backend="tensorrt",
+                                  max_seq_len=MAX_SEQ_LEN, progress=False))
+    msg = str(info.value)
+    if not torch.cuda.is_available():
+        assert "NVIDIA GPU" in msg
+    assert "ONNX" in msg and str(out) in msg
+    e = load_engine(out)  # a complete ONNX engine (plain decoding: built without a drafter)
+    assert e.options.backend == "onnx" and (out / "programs" / "forward.onnx").is_file()
+    ids = e.encode_chat(PROMPTS[0])
+    eager = Decoder(e.model, None, max_batch=1, max_seq_len=MAX_SEQ_LEN)
+    assert generate(e.decoder(), [ids], 8, e.eos_ids)[0].token_ids == \
+        generate(eager, [ids], 8, e.eos_ids)[0].token_ids
+
+
+def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
+    from redrafter.cli import main
+
+    base, drafter = tiny_hf_dir
+    out = tmp_path / "cli-engine"
+    assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(out),
+                 "--backend", "eager", "--max-seq-len", "32", "--no-progress"]) == 0
+    assert load_engine(out).options.max_seq_len == 32
+    assert main(["build", "--base", str(base), "--output", str(tmp_path / "x"), "--backend", "onnx",
+                 "--quantize", "int8", "--no-progress"]) == 2
+    assert "int8" in capsys.readouterr().err
