@@ -45,7 +45,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 # Each module adds its own subcommand with `register(subparsers)`.
-SUBCOMMANDS: list[str] = []
+SUBCOMMANDS: list[str] = ["redrafter.bench", "redrafter.training.cli", "redrafter.builder.cli", "redrafter.serving.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
