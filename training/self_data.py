@@ -1,0 +1,66 @@
+"""Self-distillation data: the base model's own greedy answers to training prompts.
+
+At inference the drafter continues the base model's *own* greedy output, not human text.
+Training on answers the base model generated itself (first user turns of the training
+split, answered greedily by the runtime) matches that distribution exactly, which matters
+most for small base models whose style differs from ShareGPT's GPT-4 answers. Written as
+ShareGPT-style JSONL, so `redrafter train --data FILE` consumes it unchanged; records are
+appended as they finish, so an interrupted run keeps its work and resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .data import load_conversations, split
+
+
+def training_prompts(data: str | Path, seed: int, max_prompt_tokens: int, tokenizer_encode) -> list[tuple[int, str]]:
+    """(index, first user turn) of the training split whose rendered prompt fits max_prompt_tokens."""
+    train, _ = split(load_conversations(data), seed)
+    out = []
+    for i, conv in enumerate(train):
+        first = next((m["content"] for m in conv if m["role"] == "user"), None)
+        if first and len(tokenizer_encode(first)) <= max_prompt_tokens:
+            out.append((i, first))
+    return out
+
+
+def generate_answers(output: str | os.PathLike, base: str = "default", data: str | Path = "sharegpt",
+                     max_samples: int = 1000, max_new_tokens: int = 192, max_prompt_tokens: int = 256,
+                     batch_size: int = 16, seed: int = 0) -> Path:
+    """Answer up to max_samples training prompts greedily and append them to `output` (JSONL)."""
+    from redrafter.runtime.pipeline import encode_chat
+    from redrafter.runtime.session import SamplingParams, Session
+
+    if max_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_samples, max_new_tokens and batch_size must be >= 1")
+    out = Path(output)
+    done = set()
+    if out.exists():
+        for line in out.read_text(encoding="utf-8").split("\n"):
+            if line.strip():
+                done.add(json.loads(line)["source_index"])
+    session = Session.load(base=base, drafter=None, max_batch_size=batch_size,
+                           max_seq_len=max_prompt_tokens + 64 + max_new_tokens)
+    try:
+        prompts = training_prompts(data, seed, max_prompt_tokens,
+                                   lambda text: encode_chat(session.tokenizer, text))[:max_samples]
+        todo = [(i, p) for i, p in prompts if i not in done]
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        with out.open("a", encoding="utf-8") as f, tqdm(total=len(prompts), initial=len(prompts) - len(todo),
+                                                         desc="self-distillation answers") as bar:
+            for start in range(0, len(todo), batch_size * 4):
+                chunk = todo[start:start + batch_size * 4]
+                for (i, prompt), result in zip(chunk, session.generate([p for _, p in chunk], params)):
+                    record = {"source_index": i, "conversations": [
+                        {"from": "human", "value": prompt}, {"from": "gpt", "value": result.text}]}
+                    f.write(json.dumps(record) + "\n")
+                f.flush()
+                bar.update(len(chunk))
+    finally:
+        session.close()
+    return out
