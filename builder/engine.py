@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from redrafter.runtime import pipeline
 from redrafter.runtime.decoding import Decoder
 from redrafter.runtime.drafter import DraftHead, DrafterConfig
 from redrafter.runtime.model import Llama, LlamaConfig, rope_inv_freq
@@ -182,19 +183,10 @@ class Engine:
 
     @property
     def eos_ids(self) -> list[int]:
-        ids = list(self.model.cfg.eos_token_ids)
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if tok_eos is not None and tok_eos not in ids:
-            ids.append(tok_eos)
-        return ids
+        return pipeline.eos_ids(self.model, self.tokenizer)
 
     def encode_chat(self, text: str) -> list[int]:
-        """The prompt rendered with the model's chat template (plain text if it has none)."""
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return list(tok.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, return_dict=False))
-        return list(tok.encode(text))
+        return pipeline.encode_chat(self.tokenizer, text)
 
     def programs(self) -> tuple[Any, Any]:
         """(forward, draft) callables for the engine's backend; (None, None) for eager.

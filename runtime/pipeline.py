@@ -29,14 +29,19 @@ class Loaded:
 
     @property
     def eos_ids(self) -> list[int]:
-        ids = list(self.model.cfg.eos_token_ids)
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if tok_eos is not None and tok_eos not in ids:
-            ids.append(tok_eos)
-        return ids
+        return eos_ids(self.model, self.tokenizer)
 
     def encode_chat(self, text: str) -> list[int]:
         return encode_chat(self.tokenizer, text)
+
+
+def eos_ids(model: Llama, tokenizer) -> list[int]:
+    """End-of-sequence ids: the model config's, plus the tokenizer's own (the chat end token)."""
+    ids = list(model.cfg.eos_token_ids)
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    if tok_eos is not None and tok_eos not in ids:
+        ids.append(tok_eos)
+    return ids
 
 
 def encode_chat(tokenizer, text: str) -> list[int]:
