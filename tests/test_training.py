@@ -262,3 +262,33 @@ def test_a_trained_head_drafts_the_base_models_habit(tmp_path, smollm2_dir):
     out = train(_config(tmp_path, base, data_file, epochs=8.0, draft_len=3))
     untrained, trained = tokens_per_step(tiny_drafter(model, head="shared")), tokens_per_step(load_drafter(out))
     assert untrained < 1.2 and trained > 1.5, (untrained, trained)
+
+
+# --- self-distillation data ---------------------------------------------------------------
+
+def test_self_data_answers_training_prompts_with_the_base_models_own_greedy_output(tmp_path, tiny_hf_dir, data_file):
+    from redrafter.runtime.decoding import Decoder, generate
+    from redrafter.runtime.pipeline import load
+    from redrafter.training.self_data import generate_answers
+
+    base, _ = tiny_hf_dir
+    out = tmp_path / "answers.jsonl"
+    generate_answers(out, base=str(base), data=str(data_file), max_samples=3, max_new_tokens=6, batch_size=2)
+    first = [json.loads(line) for line in out.read_text().split("\n") if line.strip()]
+    assert len(first) == 3
+    train_split, _ = split(load_conversations(data_file), 0)
+    loaded = load(str(base), drafter=None)
+    for record in first:
+        prompt = record["conversations"][0]["value"]
+        assert prompt == train_split[record["source_index"]][0]["content"]  # from the training split
+        ids = generate(Decoder(loaded.model, None, max_seq_len=256), [loaded.encode_chat(prompt)], 6,
+                       loaded.eos_ids)[0].token_ids
+        expected = loaded.tokenizer.decode([t for t in ids if t not in loaded.eos_ids], skip_special_tokens=True)
+        assert record["conversations"][1]["value"] == expected
+    # Re-running resumes: the three answers stay, only new prompts are answered.
+    generate_answers(out, base=str(base), data=str(data_file), max_samples=5, max_new_tokens=6, batch_size=2)
+    again = [json.loads(line) for line in out.read_text().split("\n") if line.strip()]
+    assert again[:3] == first and len(again) == 5
+    assert len({r["source_index"] for r in again}) == 5
+    with pytest.raises(ValueError, match="must be >= 1"):
+        generate_answers(out, base=str(base), data=str(data_file), max_samples=0)

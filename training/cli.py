@@ -33,6 +33,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --output")
     p.set_defaults(func=run)
 
+    g = sub.add_parser("self-data", help="answer training prompts with the base model (self-distillation data)",
+                       description="Answer first user turns of the training split greedily with the base model and "
+                                   "append them as ShareGPT-style JSONL for `redrafter train --data FILE`; "
+                                   "re-running the command resumes where it stopped.")
+    g.add_argument("--output", required=True, help="JSONL file to append to")
+    g.add_argument("--base", default="default")
+    g.add_argument("--data", default="sharegpt", help="prompt source: 'sharegpt' or a JSONL file")
+    g.add_argument("--max-samples", type=int, default=1000, help="prompts to answer")
+    g.add_argument("--max-new-tokens", type=int, default=192)
+    g.add_argument("--max-prompt-tokens", type=int, default=256, help="skip longer rendered prompts")
+    g.add_argument("--batch-size", type=int, default=16, help="requests decoded together")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split (same as train's)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.set_defaults(func=run_self_data)
+
+
+def run_self_data(args: argparse.Namespace) -> int:
+    import torch
+
+    from .self_data import generate_answers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = generate_answers(args.output, base=args.base, data=args.data, max_samples=args.max_samples,
+                           max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                           batch_size=args.batch_size, seed=args.seed)
+    print(f"answers written to {out}")
+    return 0
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
