@@ -99,22 +99,24 @@ def test_bad_requests_are_rejected_clearly(tiny_model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("width,length", [(1, 4), (4, 4), (8, 5)])
-def test_smollm2_lossless_batch_1_and_3(monkeypatch, smollm2, mtbench_prompts, width, length):
-    """The real model, four MT-Bench prompts: solo and batched (three different prompt lengths)
-    ReDrafter runs equal plain greedy decoding, with the shipped drafter and with oracle beams."""
+def test_smollm2_lossless_batch_1_and_4(monkeypatch, smollm2, mtbench_prompts, width, length):
+    """The real model, four MT-Bench prompts: each alone, and all four batched (different prompt
+    lengths), ReDrafter equals plain greedy decoding, with the shipped drafter and with oracle beams."""
     from redrafter.runtime.drafter import load_drafter
     from redrafter.runtime.pipeline import default_drafter_dir
 
     m = smollm2.model
     prompts = [smollm2.encode_chat(p) for p in mtbench_prompts]
-    assert len({len(p) for p in prompts[1:]}) == 3
+    assert len(prompts) == 4 and len({len(p) for p in prompts}) >= 3
     n = 24
     ref = [plain(m, [p], n, smollm2.eos_ids)[0] for p in prompts]
     drafter = load_drafter(default_drafter_dir())
     solo = Decoder(m, drafter, max_batch=1, max_seq_len=512, beam_width=width, beam_length=length)
-    assert generate(solo, prompts[:1], n, smollm2.eos_ids)[0].token_ids == ref[0]
-    batched = Decoder(m, drafter, max_batch=3, max_seq_len=512, beam_width=width, beam_length=length)
-    assert [g.token_ids for g in generate(batched, prompts[1:], n, smollm2.eos_ids)] == ref[1:]
-    oracle_dec = Decoder(m, drafter, max_batch=3, max_seq_len=512, beam_width=width, beam_length=length)
-    monkeypatch.setattr(decoding, "beam_search", OracleBeams(oracle_dec, prompts[1:], ref[1:]))
-    assert [g.token_ids for g in generate(oracle_dec, prompts[1:], n, smollm2.eos_ids)] == ref[1:]
+    assert [generate(solo, [p], n, smollm2.eos_ids)[0].token_ids for p in prompts] == ref
+    batched = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=width, beam_length=length)
+    assert [g.token_ids for g in generate(batched, prompts, n, smollm2.eos_ids)] == ref
+    oracle_dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=width, beam_length=length)
+    monkeypatch.setattr(decoding, "beam_search", OracleBeams(oracle_dec, prompts, ref))
+    got = generate(oracle_dec, prompts, n, smollm2.eos_ids)
+    assert [g.token_ids for g in got] == ref
+    assert max(a for g in got for a in g.accepted_per_step) == length - 1
