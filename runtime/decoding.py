@@ -161,20 +161,9 @@ class Decoder:
         return StepOutput(new[:, None], torch.ones_like(new))
 
     def _speculative_step(self, slots: Tensor) -> StepOutput:
-        m, head = self.model, self.drafter
+        m = self.model
         starts = self.lengths[slots]
-        base_head = m.lm_head.weight if head.cfg.head == "shared" else None
-        if self.use_plugins:
-            beams = self.plugin_ops.draft(head, m.embed.weight, base_head, self.hidden[slots],
-                                          self.next_token[slots], self.beam_width, self.beam_length)
-            packed = self.plugin_ops.pack(beams)
-        elif self.draft is not None and (self.beam_width, self.beam_length) == self._draft_shape:
-            beams = self.draft(self.hidden[slots], self.next_token[slots])
-            packed = pack_beams(beams)
-        else:
-            beams, _ = beam_search(head, m.embed.weight, base_head, self.hidden[slots], self.next_token[slots],
-                                   self.beam_width, self.beam_length)
-            packed = pack_beams(beams)
+        beams, packed = self._draft_and_pack(slots)
         positions = starts[:, None] + packed.depth
         hidden = m(packed.tokens, positions, self.cache, slots, starts, packed.mask,
                    use_plugins=self.use_plugins)  # [B, T, H]
@@ -197,6 +186,22 @@ class Decoder:
         emitted = torch.cat((beams[rows, acc.beam, 1:], acc.bonus[:, None]), dim=1)
         emitted[rows, acc.accepted] = acc.bonus
         return StepOutput(emitted, acc.accepted + 1)
+
+    def _draft_and_pack(self, slots: Tensor) -> tuple[Tensor, PackedBeams]:
+        """Beams [B, W, L] and their packed tree, from the plugin ops, the engine's compiled
+        drafting program (while the beam shape is the built one) or the eager beam search."""
+        m, head = self.model, self.drafter
+        context, first = self.hidden[slots], self.next_token[slots]
+        base_head = m.lm_head.weight if head.cfg.head == "shared" else None
+        if self.use_plugins:
+            beams = self.plugin_ops.draft(head, m.embed.weight, base_head, context, first,
+                                          self.beam_width, self.beam_length)
+            return beams, self.plugin_ops.pack(beams)
+        if self.draft is not None and (self.beam_width, self.beam_length) == self._draft_shape:
+            beams = self.draft(context, first)
+        else:
+            beams, _ = beam_search(head, m.embed.weight, base_head, context, first, self.beam_width, self.beam_length)
+        return beams, pack_beams(beams)
 
     def _commit(self, slots: Tensor, starts: Tensor, path: Tensor) -> None:
         if self.use_plugins:
