@@ -68,12 +68,19 @@ class DraftBeams(nn.Module):
     def __init__(self, model: Llama, head: DraftHead, width: int, length: int):
         super().__init__()
         self.head, self.embed = head, model.embed
-        self.lm_head = model.lm_head if head.cfg.head == "shared" else None
+        shared = head.cfg.head == "shared"
+        self.lm_head = model.lm_head if shared and head.draft_vocab is None else None
+        if shared and head.draft_vocab is not None:
+            # The draft vocabulary's rows, gathered here once (at build and at load, from the
+            # engine's weights) rather than inside the program at every call.
+            self.register_buffer("draft_lm_head", head.output_weight(model.lm_head.weight), persistent=False)
+        else:
+            self.draft_lm_head = None
         self.width, self.length = width, length
         self.train(False)
 
     def forward(self, context: Tensor, first_token: Tensor) -> Tensor:
-        base_head = self.lm_head.weight if self.lm_head is not None else None
+        base_head = self.lm_head.weight if self.lm_head is not None else self.draft_lm_head
         beams, _ = beam_search(self.head, self.embed.weight, base_head, context, first_token,
                                self.width, self.length)
         return beams

@@ -6,8 +6,10 @@
 
 Random weights only (no model files needed). Shapes follow SmolLM2-135M: hidden 576,
 vocab 49152, 9 heads / 3 KV heads of 64, 30 layers; beams W in {1, 4, 16, 64}, L in {4, 5};
-contexts 512-2048; batch 1 and 8. Prints a table and, with $OUT set (or --out), writes
-gpu_check.json there. Exits 1 if any kernel disagrees with its reference.
+contexts 512-2048; batch 1 and 8; drafting with the shared and own heads over the whole
+vocabulary and with the shared head over a random draft vocabulary of 8192 tokens. Prints a
+table and, with $OUT set (or --out), writes gpu_check.json there. Exits 1 if any kernel
+disagrees with its reference.
 """
 from __future__ import annotations
 
@@ -38,10 +40,11 @@ class Shapes:
     lengths: tuple[int, ...]
     contexts: tuple[int, ...]
     batches: tuple[int, ...]
+    draft_vocab: int  # Vd of the draft-vocabulary case
 
 
-SMOLLM2 = Shapes(576, 49152, 9, 3, 64, 30, (1, 4, 16, 64), (4, 5), (512, 2048), (1, 8))
-TINY = Shapes(32, 61, 4, 2, 16, 2, (2,), (3,), (9,), (2,))
+SMOLLM2 = Shapes(576, 49152, 9, 3, 64, 30, (1, 4, 16, 64), (4, 5), (512, 2048), (1, 8), 8192)
+TINY = Shapes(32, 61, 4, 2, 16, 2, (2,), (3,), (9,), (2,), 24)
 
 
 @dataclass
@@ -74,12 +77,15 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def random_head(s: Shapes, head: str, dtype: torch.dtype, device: torch.device, seed: int = 0):
-    """A random DraftHead (Apple's recipe: RNN, 2 ResBlocks, exit_dim 2H) and base embed / LM head."""
+def random_head(s: Shapes, head: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
+                draft_vocab_size: int = 0):
+    """A random DraftHead (Apple's recipe: RNN, 2 ResBlocks, exit_dim 2H; a random draft
+    vocabulary if draft_vocab_size) and base embed / LM head."""
     from ..runtime.drafter import DraftHead, DrafterConfig
 
     g = torch.Generator().manual_seed(seed)
-    d = DraftHead(DrafterConfig.for_base(s.vocab, s.hidden, head=head))
+    vocab = torch.randperm(s.vocab, generator=g)[:draft_vocab_size].sort().values if draft_vocab_size else None
+    d = DraftHead(DrafterConfig.for_base(s.vocab, s.hidden, head=head, draft_vocab_size=draft_vocab_size), vocab)
     for p in d.parameters():
         p.data = torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5
     embed = torch.randn(s.vocab, s.hidden, generator=g)
@@ -90,28 +96,32 @@ def random_head(s: Shapes, head: str, dtype: torch.dtype, device: torch.device, 
 
 def score_beams(head, embed: Tensor, base_lm_head: Tensor | None, context: Tensor, beams: Tensor) -> Tensor:
     """Cumulative draft log-probability of each given beam [B, W, L] -> [B, W], in fp32:
-    how the beam search ranks beams, to compare beam sets found in different precisions."""
+    how the beam search ranks beams, to compare beam sets found in different precisions.
+    base_lm_head: head.output_weight(lm_head), as for the beam search."""
     if next(head.parameters()).dtype != torch.float32:
         head = copy.deepcopy(head).float()
     embed, context = embed.float(), context.float()
     lm = base_lm_head.float() if base_lm_head is not None else None
     b, w, l = beams.shape
+    drafted = beams[:, :, 1:].contiguous()  # token ids -> rows of the head's output
+    rows = drafted if head.draft_vocab is None else torch.searchsorted(head.draft_vocab, drafted)
     state = context.new_zeros(b, w, context.shape[-1])
     total = context.new_zeros(b, w)
     for j in range(l - 1):
         state = head.step(state, embed[beams[:, :, j]])
         logp = torch.log_softmax(head.logits(context[:, None], state, lm), -1)
-        total += logp.gather(-1, beams[:, :, j + 1 : j + 2])[..., 0]
+        total += logp.gather(-1, rows[:, :, j : j + 1])[..., 0]
     return total
 
 
-def check_beam_draft(s: Shapes, device: torch.device, dtype: torch.dtype, reps: int, heads=("shared", "own")):
+def check_beam_draft(s: Shapes, device: torch.device, dtype: torch.dtype, reps: int):
     from . import kernels
     from .ops import REFERENCES, head_weights
 
     rows = []
-    for head_kind in heads:
-        head, embed, lm_head = random_head(s, head_kind, dtype, device)
+    for head_kind, vd in (("shared", 0), ("own", 0), ("shared", s.draft_vocab)):
+        head, embed, lm_head = random_head(s, head_kind, dtype, device, draft_vocab_size=vd)
+        lm_head = head.output_weight(lm_head)  # the draft vocabulary's rows, gathered once
         weights = head_weights(head, lm_head)
         for b in s.batches:
             g = torch.Generator().manual_seed(b)
@@ -132,7 +142,8 @@ def check_beam_draft(s: Shapes, device: torch.device, dtype: torch.dtype, reps: 
                     # Different summation orders may swap near-tied beams; a wrong kernel loses
                     # far more than rounding (fp16: ~1e-2 nats per step) on the i-th best score.
                     ok = gap <= (1e-3 if dtype == torch.float32 else 1e-1)
-                    rows.append(Row("beam_draft", f"{head_kind} B={b} W={w} L={l}", str(dtype)[6:],
+                    name = f"{head_kind} Vd={vd}" if vd else head_kind
+                    rows.append(Row("beam_draft", f"{name} B={b} W={w} L={l}", str(dtype)[6:],
                                     f"same beams {same:.0%}, score gap {gap:.1e}", ok,
                                     timed(lambda: REFERENCES["beam_draft"](*args, **kw), device, reps),
                                     timed(lambda: kernels.beam_draft(*args, **kw), device, reps)))

@@ -5,11 +5,11 @@ plugin that implements it (TensorRT's ONNX parser falls back to the plugin regis
 unknown op types, using the plugin_version / plugin_namespace attributes):
 
   BeamDraft(context, first_token, embed, [rnn_w, rnn_u_weight, rnn_u_bias],
-            [input_proj_weight, input_proj_bias], out_weight, [base_lm_head],
+            [input_proj_weight, input_proj_bias], out_weight, [base_lm_head], [draft_vocab],
             res_w0, res_b0, res_w1, res_b1, ...) -> beams
-            attrs: width, length, rnn, input_proj, shared, num_draft_layers (the 0/1
-            flags say which bracketed groups are present: a flat input list, as a
-            TensorRT plugin takes it)
+            attrs: width, length, rnn, input_proj, shared, draft_vocab (default 0),
+            num_draft_layers (the 0/1 flags say which bracketed groups are present: a
+            flat input list, as a TensorRT plugin takes it)
   PackBeams(beams) -> tokens, depth, unpacker, mask, n_tokens
   PackedAttention(q, k, v, k_cache, v_cache, slots, starts, tree_mask) -> out
   KvCommit(k_cache, v_cache, slots, starts, src) -> k_cache, v_cache   (functional:
@@ -23,7 +23,7 @@ Python by the ops' PyTorch reference (onnxruntime-extensions PyOp), to check the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable
 
 import onnx
 import torch
@@ -33,7 +33,7 @@ from . import ops
 
 DOMAIN = "redrafter"
 VERSION = 1
-PLUGIN_VERSION = "1"
+PLUGIN_VERSION = "2"  # 2: BeamDraft's optional draft_vocab input
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _INT = defs.OpSchema.AttrType.INT
@@ -70,6 +70,9 @@ SCHEMAS = [
         defs.OpSchema.Attribute("rnn", _INT, "1: rnn_w, rnn_u_weight, rnn_u_bias follow embed"),
         defs.OpSchema.Attribute("input_proj", _INT, "1: input_proj_weight, input_proj_bias follow"),
         defs.OpSchema.Attribute("shared", _INT, "1: shared head, base_lm_head follows out_weight"),
+        defs.OpSchema.Attribute("draft_vocab", onnx.helper.make_attribute("draft_vocab", 0),
+                                "1: draft_vocab [Vd] (int64 token id of each output row) follows "
+                                "out_weight / base_lm_head, which then have Vd rows"),
         defs.OpSchema.Attribute("num_draft_layers", _INT, "ResBlock (weight, bias) pairs at the end"),
     ], types=[*_FLOATS, "tensor(int64)"]),
     _schema("PackBeams", "Prefix dedup of beams into a tree (redrafter::pack_beams).",
@@ -100,7 +103,7 @@ def register_schemas() -> None:
 
 
 def beam_draft_inputs(context, first_token, embed, rnn_w, rnn_u_weight, rnn_u_bias, input_proj_weight,
-                      input_proj_bias, res_weights, res_biases, out_weight, base_lm_head) -> list:
+                      input_proj_bias, res_weights, res_biases, out_weight, base_lm_head, draft_vocab) -> list:
     """beam_draft's arguments in BeamDraft's flat input order (absent groups left out)."""
     flat = [context, first_token, embed]
     if rnn_w is not None:
@@ -110,11 +113,13 @@ def beam_draft_inputs(context, first_token, embed, rnn_w, rnn_u_weight, rnn_u_bi
     flat.append(out_weight)
     if base_lm_head is not None:
         flat.append(base_lm_head)
+    if draft_vocab is not None:
+        flat.append(draft_vocab)
     return flat + [x for pair in zip(res_weights, res_biases) for x in pair]
 
 
-def beam_draft_args(inputs: Sequence[Any], rnn: int, input_proj: int, shared: int,
-                    num_draft_layers: int) -> dict[str, Any]:
+def beam_draft_args(inputs: Iterable[Any], rnn: int, input_proj: int, shared: int,
+                    num_draft_layers: int, draft_vocab: int = 0) -> dict[str, Any]:
     """The inverse of beam_draft_inputs: BeamDraft's flat inputs -> beam_draft's arguments."""
     it = iter(inputs)
     args: dict[str, Any] = dict(context=next(it), first_token=next(it), embed=next(it))
@@ -122,6 +127,7 @@ def beam_draft_args(inputs: Sequence[Any], rnn: int, input_proj: int, shared: in
     args |= dict(zip(("input_proj_weight", "input_proj_bias"), (next(it), next(it)) if input_proj else (None,) * 2))
     args["out_weight"] = next(it)
     args["base_lm_head"] = next(it) if shared else None
+    args["draft_vocab"] = next(it) if draft_vocab else None
     res = list(it)
     if len(res) != 2 * num_draft_layers:
         raise ValueError(f"BeamDraft has {len(res)} ResBlock inputs, expected 2 x num_draft_layers "
@@ -137,13 +143,14 @@ def _translations() -> dict[Any, Any]:
     r = onnxscript.values.Opset(DOMAIN, VERSION)
 
     def beam_draft(context, first_token, embed, rnn_w, rnn_u_weight, rnn_u_bias, input_proj_weight,
-                   input_proj_bias, res_weights, res_biases, out_weight, base_lm_head, width, length):
+                   input_proj_bias, res_weights, res_biases, out_weight, base_lm_head, draft_vocab, width,
+                   length):
         inputs = beam_draft_inputs(context, first_token, embed, rnn_w, rnn_u_weight, rnn_u_bias,
                                    input_proj_weight, input_proj_bias, res_weights, res_biases, out_weight,
-                                   base_lm_head)
+                                   base_lm_head, draft_vocab)
         return r.BeamDraft(*inputs, width=width, length=length, rnn=int(rnn_w is not None),
                            input_proj=int(input_proj_weight is not None), shared=int(base_lm_head is not None),
-                           num_draft_layers=len(res_weights))
+                           draft_vocab=int(draft_vocab is not None), num_draft_layers=len(res_weights))
 
     def pack_beams(beams):
         return r.PackBeams(beams)
@@ -214,11 +221,21 @@ def export(module: torch.nn.Module, args: tuple, path: str | Path | None = None,
 
 _ORT_DOMAIN = "ai.onnx.contrib"  # the domain onnxruntime-extensions serves Python ops from
 _registered: set[str] = set()
+_LAYOUT = ("rnn", "input_proj", "shared", "draft_vocab", "num_draft_layers")  # BeamDraft's input flags
 
 
-def _register_pyops(beam_draft_arities: set[int]) -> None:
+def _beam_draft_signature(node: onnx.NodeProto) -> str:
+    """A BeamDraft node's input dtypes, "i" (int64) or "f" (float) per input, from its layout
+    flags: a PyOp has a fixed list of input dtypes."""
+    flags = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name in _LAYOUT}
+    args = beam_draft_args(range(len(node.input)), **flags)
+    ints = {args["first_token"], args["draft_vocab"]}
+    return "".join("i" if i in ints else "f" for i in range(len(node.input)))
+
+
+def _register_pyops(beam_draft_signatures: set[str]) -> None:
     """Register onnxruntime-extensions PyOps once per op type (BeamDraft once per input
-    count, as a PyOp has a fixed input list)."""
+    signature, see _beam_draft_signature)."""
     from onnxruntime_extensions import PyCustomOpDef as D
     from onnxruntime_extensions import onnx_op
 
@@ -247,16 +264,14 @@ def _register_pyops(beam_draft_arities: set[int]) -> None:
 
         _registered.add("PackBeams")
 
-    for n in beam_draft_arities - _registered:
-        flags = ("width", "length", "rnn", "input_proj", "shared", "num_draft_layers")
-
-        @onnx_op(op_type=f"BeamDraft{n}", domain=_ORT_DOMAIN, inputs=[f32, i64] + [f32] * (n - 2), outputs=[i64],
-                 attrs=plugin | {k: D.dt_int64 for k in flags})
-        def _draft(*inputs, width, length, rnn, input_proj, shared, num_draft_layers, **_):
-            args = beam_draft_args([t(x) for x in inputs], rnn, input_proj, shared, num_draft_layers)
+    for sig in beam_draft_signatures - _registered:
+        @onnx_op(op_type=f"BeamDraft_{sig}", domain=_ORT_DOMAIN, inputs=[i64 if c == "i" else f32 for c in sig],
+                 outputs=[i64], attrs=plugin | {k: D.dt_int64 for k in ("width", "length", *_LAYOUT)})
+        def _draft(*inputs, width, length, rnn, input_proj, shared, draft_vocab, num_draft_layers, **_):
+            args = beam_draft_args([t(x) for x in inputs], rnn, input_proj, shared, num_draft_layers, draft_vocab)
             return ops.REFERENCES["beam_draft"](**args, width=width, length=length).numpy()
 
-        _registered.add(n)
+        _registered.add(sig)
 
 
 def ort_session(model: onnx.ModelProto):
@@ -267,17 +282,18 @@ def ort_session(model: onnx.ModelProto):
     from onnxruntime_extensions import get_library_path
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
-    arities = set()
+    signatures = set()
     for node in model.graph.node:
         if node.domain == DOMAIN:
             node.domain = _ORT_DOMAIN
             if node.op_type == "BeamDraft":
-                arities.add(len(node.input))
-                node.op_type = f"BeamDraft{len(node.input)}"
+                sig = _beam_draft_signature(node)
+                signatures.add(sig)
+                node.op_type = f"BeamDraft_{sig}"
     for imp in model.opset_import:
         if imp.domain == DOMAIN:
             imp.domain = _ORT_DOMAIN
-    _register_pyops(arities)
+    _register_pyops(signatures)
     options = ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

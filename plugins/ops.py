@@ -2,7 +2,8 @@
 
 Importing this module registers four ops with torch.library (namespace "redrafter"):
 
-- beam_draft: the draft head's whole W x L beam search -> beams [B, W, L];
+- beam_draft: the draft head's whole W x L beam search -> beams [B, W, L] (vocabulary ids,
+  also with a draft vocabulary: the head's output rows are mapped to their token ids);
 - pack_beams: prefix dedup -> fixed-size packed tokens [B, W*L], depths, unpacker,
   tree mask [B, W*L, W*L] and n_tokens [B] (padding tokens see only themselves);
 - packed_attention: one layer's attention of the new (packed) tokens over their committed
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..runtime.beam_search import beam_search as _beam_search
-from ..runtime.drafter import DraftHead, DrafterConfig
+from ..runtime.drafter import DraftHead, DrafterConfig, check_draft_vocab
 from ..runtime.model import KVCache, attend, attention_mask, commit_kv
 from ..runtime.tree import PackedBeams, pack_beams as _pack_beams
 
@@ -33,11 +34,16 @@ NAMESPACE = "redrafter"
 def _draft_head(embed: Tensor, rnn_w: Optional[Tensor], rnn_u_weight: Optional[Tensor],
                 rnn_u_bias: Optional[Tensor], input_proj_weight: Optional[Tensor],
                 input_proj_bias: Optional[Tensor], res_weights: list[Tensor], res_biases: list[Tensor],
-                out_weight: Tensor, base_lm_head: Optional[Tensor]) -> DraftHead:
+                out_weight: Tensor, base_lm_head: Optional[Tensor], draft_vocab: Optional[Tensor]) -> DraftHead:
     """A DraftHead viewing the given tensors (no copies), so the reference is runtime code."""
     vocab, hidden = embed.shape
     cfg = DrafterConfig(vocab, hidden, out_weight.shape[1], len(res_weights), rnn=rnn_w is not None,
-                        head="shared" if base_lm_head is not None else "own")
+                        head="shared" if base_lm_head is not None else "own",
+                        draft_vocab_size=0 if draft_vocab is None else draft_vocab.numel())
+    if base_lm_head is not None and base_lm_head.shape != (cfg.out_vocab, hidden):
+        raise ValueError(f"beam_draft: base_lm_head is {list(base_lm_head.shape)}, expected "
+                         f"[{cfg.out_vocab}, {hidden}]: pass DraftHead.output_weight(lm_head), the rows "
+                         "of the draft vocabulary")
     state = {f"lm_head.{len(res_weights)}.weight": out_weight}
     for i, (w, b) in enumerate(zip(res_weights, res_biases, strict=True)):
         state[f"lm_head.{i}.linear.weight"], state[f"lm_head.{i}.linear.bias"] = w, b
@@ -48,6 +54,8 @@ def _draft_head(embed: Tensor, rnn_w: Optional[Tensor], rnn_u_weight: Optional[T
     missing = [k for k, v in state.items() if v is None]
     if missing:
         raise ValueError(f"beam_draft: {', '.join(missing)} missing: give the whole rnn_* / input_proj_* group")
+    if draft_vocab is not None:
+        state["draft_vocab"] = check_draft_vocab(draft_vocab, cfg)
     with torch.device("meta"):
         head = DraftHead(cfg).requires_grad_(False)
     try:
@@ -69,17 +77,20 @@ def _beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
                rnn_w: Optional[Tensor], rnn_u_weight: Optional[Tensor], rnn_u_bias: Optional[Tensor],
                input_proj_weight: Optional[Tensor], input_proj_bias: Optional[Tensor],
                res_weights: list[Tensor], res_biases: list[Tensor], out_weight: Tensor,
-               base_lm_head: Optional[Tensor], width: int, length: int) -> Tensor:
+               base_lm_head: Optional[Tensor], draft_vocab: Optional[Tensor], width: int, length: int) -> Tensor:
     """Draft `width` beams of `length` tokens (guaranteed token first) -> beams [B, W, L] int64.
 
     context [B, H]: base hidden state at the last accepted token; first_token [B]; embed
     [V, H]: base input embedding. The head is given by its weights: rnn_* absent means
-    rnn=False; base_lm_head [V, H] present means the "shared" head (out_weight [H, E]),
-    absent the "own" head (out_weight [V, E]).
+    rnn=False; base_lm_head present means the "shared" head (out_weight [H, E]), absent the
+    "own" head. draft_vocab [Vd] (increasing int64 token ids) present: output row i scores
+    token draft_vocab[i], and base_lm_head [Vd, H] (the base LM head's rows for those ids,
+    DraftHead.output_weight) / out_weight [Vd, E] have one row per draft token; absent:
+    [V, H] / [V, E]. Beams hold vocabulary ids either way.
     """
     _check_draft(context, first_token, width, length)
     head = _draft_head(embed, rnn_w, rnn_u_weight, rnn_u_bias, input_proj_weight, input_proj_bias,
-                       res_weights, res_biases, out_weight, base_lm_head)
+                       res_weights, res_biases, out_weight, base_lm_head, draft_vocab)
     beams, _ = _beam_search(head, embed, base_lm_head, context, first_token, width, length)
     return beams.clone(memory_format=torch.contiguous_format)  # L=1: a view of first_token
 
@@ -89,7 +100,7 @@ beam_draft = torch.library.custom_op(f"{NAMESPACE}::beam_draft", _beam_draft, mu
 
 @beam_draft.register_fake
 def _(context, first_token, embed, rnn_w, rnn_u_weight, rnn_u_bias, input_proj_weight, input_proj_bias,
-      res_weights, res_biases, out_weight, base_lm_head, width, length):
+      res_weights, res_biases, out_weight, base_lm_head, draft_vocab, width, length):
     _check_draft(context, first_token, width, length)
     return context.new_empty(context.shape[0], width, length, dtype=torch.long)
 
@@ -188,7 +199,8 @@ for _name, _op in OPS.items():
 
 
 def head_weights(head: DraftHead, base_lm_head: Tensor | None) -> dict[str, object]:
-    """beam_draft's weight arguments for a DraftHead (base_lm_head for the shared head)."""
+    """beam_draft's weight arguments for a DraftHead; base_lm_head (shared head only) is
+    head.output_weight(lm_head), gathered once by the caller rather than on every call."""
     res = list(head.lm_head)[:-1]
     rnn = head.cfg.rnn
     return dict(
@@ -198,13 +210,14 @@ def head_weights(head: DraftHead, base_lm_head: Tensor | None) -> dict[str, obje
         input_proj_bias=head.input_proj.bias if head.input_proj is not None else None,
         res_weights=[r.linear.weight for r in res], res_biases=[r.linear.bias for r in res],
         out_weight=head.lm_head[-1].weight,
-        base_lm_head=base_lm_head if head.cfg.head == "shared" else None,
+        base_lm_head=base_lm_head if head.cfg.head == "shared" else None, draft_vocab=head.draft_vocab,
     )
 
 
 def draft(head: DraftHead, embed: Tensor, base_lm_head: Tensor | None, context: Tensor,
           first_token: Tensor, width: int, length: int) -> Tensor:
-    """runtime.beam_search through redrafter::beam_draft -> beams [B, W, L]."""
+    """runtime.beam_search through redrafter::beam_draft -> beams [B, W, L]; base_lm_head as
+    there: head.output_weight(lm_head) for a shared head."""
     if head.cfg.head == "shared" and base_lm_head is None:
         raise ValueError("a shared-head drafter needs the base model's LM head weight")
     return torch.ops.redrafter.beam_draft(context, first_token, embed, **head_weights(head, base_lm_head),

@@ -18,28 +18,38 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from redrafter.runtime.decoding import Decoder, generate
-    from redrafter.runtime.pipeline import load
+    from redrafter.runtime.sampling import SamplingParams
+    from redrafter.runtime.session import Session
 
-    loaded = load(args.base, None if args.no_spec else args.drafter)
-    prompt = loaded.encode_chat(args.prompt)
-    decoder = Decoder(loaded.model, loaded.drafter, max_batch=1, max_seq_len=len(prompt) + args.max_new_tokens,
-                      beam_width=args.beam_width, beam_length=args.beam_length)
-    t0 = time.perf_counter()
-    out = generate(decoder, [prompt], args.max_new_tokens, loaded.eos_ids)[0]
-    seconds = time.perf_counter() - t0
-    text = loaded.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    with Session.load(args.base, None if args.no_spec else args.drafter, max_batch_size=1,
+                      max_seq_len=args.max_seq_len, beam_width=args.beam_width,
+                      beam_length=args.beam_length) as session:
+        t0 = time.perf_counter()
+        token_ids: list[int] = []
+        pieces: list[str] = []
+        for delta in session.stream(args.prompt, params):
+            token_ids += delta.token_ids
+            pieces.append(delta.text)
+            if not args.json:
+                print(delta.text, end="", flush=True)
+            if delta.finish_reason == "error":
+                raise ValueError(f"generation failed: {delta.error}")
+        seconds = time.perf_counter() - t0
+        m = session.metrics()
+        speculative = session.decoder.speculative
     summary = {
-        "text": text, "token_ids": out.token_ids, "tokens": len(out.token_ids), "steps": out.steps,
-        "tokens_per_step": round(out.tokens_per_step, 3), "tok_per_s": round(len(out.token_ids) / seconds, 2),
-        "time_to_first_token_s": round(out.prefill_s, 4), "seconds": round(seconds, 3),
-        "speculative": decoder.speculative, "beam_width": args.beam_width, "beam_length": args.beam_length,
+        "text": "".join(pieces), "token_ids": token_ids, "tokens": len(token_ids), "steps": m["steps"],
+        "tokens_per_step": round(m["tokens_per_step"], 3), "tok_per_s": round(len(token_ids) / seconds, 2),
+        "time_to_first_token_s": round(m["ttft_s"]["mean"], 4), "seconds": round(seconds, 3),
+        "finish_reason": delta.finish_reason, "speculative": speculative, "beam_width": args.beam_width,
+        "beam_length": args.beam_length, "temperature": args.temperature, "seed": args.seed,
     }
     if args.json:
         print(json.dumps(summary))
     else:
-        print(text)
-        print(f"[{summary['tokens']} tokens, {out.steps} steps, {summary['tokens_per_step']} tokens/step, "
+        print(f"\n[{summary['tokens']} tokens, {summary['steps']} steps, {summary['tokens_per_step']} tokens/step, "
               f"{summary['tok_per_s']} tok/s]")
     return 0
 
@@ -53,10 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         importlib.import_module(module).register(sub)
-    g = sub.add_parser("generate", help="generate a completion for one prompt")
+    g = sub.add_parser("generate", help="generate a completion for one prompt (streamed)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens the session holds")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: exact sampling")
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0: no nucleus filter")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens, with or without drafting)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_model_args(g)
     g.set_defaults(func=_generate)
     return parser

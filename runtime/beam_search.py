@@ -21,12 +21,14 @@ def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | None, con
                 return_log_probs: bool = False) -> tuple[Tensor, Tensor | None]:
     """Propose `width` beams of `length` tokens for each sequence.
 
-    embed: base input embedding [V, H]; base_lm_head: base LM head [V, H] (shared head);
+    embed: base input embedding [V, H]; base_lm_head: head.output_weight(base LM head)
+    [Vd, H] for a shared head (computed once by the caller);
     context: hidden state at the last accepted token [B, H]; first_token: the guaranteed
     next token [B]. Scores are cumulative log-probabilities (no length normalisation);
     the first step expands beam 0 only, since all beams start identical.
-    Returns beams [B, W, L] and, if asked, the per-step draft log-probs [B, W, L-1, V]
-    (aligned with each returned beam's own history).
+    Returns beams [B, W, L] (vocabulary token ids) and, if asked, the per-step draft
+    log-probs [B, W, L-1, Vd] over the head's draft vocabulary (aligned with each returned
+    beam's own history).
     """
     b, w = first_token.shape[0], width
     beams = first_token[:, None, None].expand(b, w, 1)
@@ -38,11 +40,11 @@ def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | None, con
     history: list[Tensor] = []
     for _ in range(length - 1):
         state = head.step(state, embed[tokens])
-        logp = torch.log_softmax(head.logits(ctx, state, base_lm_head), dim=-1)  # [B, W, V]
+        logp = torch.log_softmax(head.logits(ctx, state, base_lm_head), dim=-1)  # [B, W, Vd]
         vocab = logp.shape[-1]
         cand = (scores[:, :, None] + logp).view(b, w * vocab)
         scores, flat = cand.topk(w, dim=-1)  # [B, W]
-        parent, tokens = flat // vocab, flat % vocab
+        parent, tokens = flat // vocab, head.token_ids(flat % vocab)
         state = state.gather(1, parent[:, :, None].expand_as(state))
         beams = torch.cat((beams.gather(1, parent[:, :, None].expand_as(beams)), tokens[:, :, None]), dim=2)
         if return_log_probs:

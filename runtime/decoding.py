@@ -49,6 +49,8 @@ class Decoder:
         if drafter is not None:
             check_compatible(drafter.cfg, model.cfg.vocab_size, model.cfg.hidden_size)
         self.model, self.drafter = model, drafter
+        # The shared head's rows of the base LM head, gathered once (draft vocabulary).
+        self._draft_lm_head = drafter.output_weight(model.lm_head.weight) if drafter is not None else None
         self.beam_width, self.beam_length = beam_width, beam_length
         self.max_seq_len = max_seq_len
         self.max_tree_tokens = beam_width * beam_length
@@ -192,7 +194,7 @@ class Decoder:
         drafting program (while the beam shape is the built one) or the eager beam search."""
         m, head = self.model, self.drafter
         context, first = self.hidden[slots], self.next_token[slots]
-        base_head = m.lm_head.weight if head.cfg.head == "shared" else None
+        base_head = self._draft_lm_head
         if self.use_plugins:
             beams = self.plugin_ops.draft(head, m.embed.weight, base_head, context, first,
                                           self.beam_width, self.beam_length)

@@ -24,10 +24,13 @@ def tiny_llama(tied: bool = False, seed: int = 0, **kw) -> Llama:
     return model.eval().requires_grad_(False)
 
 
-def tiny_drafter(model: Llama, head: str = "own", seed: int = 1, **kw) -> DraftHead:
+def tiny_drafter(model: Llama, head: str = "own", seed: int = 1, draft_vocab_size: int = 0, **kw) -> DraftHead:
+    """A random head; draft_vocab_size > 0 gives it a random draft vocabulary of that size."""
     torch.manual_seed(seed)
-    cfg = DrafterConfig.for_base(model.cfg.vocab_size, model.cfg.hidden_size, head=head, **kw)
-    d = DraftHead(cfg)
+    cfg = DrafterConfig.for_base(model.cfg.vocab_size, model.cfg.hidden_size, head=head,
+                                 draft_vocab_size=draft_vocab_size, **kw)
+    vocab = torch.randperm(model.cfg.vocab_size)[:draft_vocab_size].sort().values if draft_vocab_size else None
+    d = DraftHead(cfg, vocab)
     for p in d.parameters():
         torch.nn.init.normal_(p, std=0.2)
     return d.eval().requires_grad_(False)
@@ -65,13 +68,13 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory, smollm2_dir):
     """A tiny random Llama saved as an HF directory with SmolLM2's real tokenizer and chat
-    template (vocab 49152), plus a matching random shared-head drafter directory.
-    Returns (base_dir, drafter_dir)."""
+    template (vocab 49152), plus a matching random shared-head drafter directory with a draft
+    vocabulary (4096 ids, as the shipped drafter has one). Returns (base_dir, drafter_dir)."""
     from redrafter.runtime.drafter import save_drafter
     from redrafter.runtime.loading import save_hf_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     model = tiny_llama(tied=True, vocab=49152, eos_token_ids=[2], bos_token_id=1)
     base = save_hf_checkpoint(model, root / "base", tokenizer_dir=smollm2_dir)
-    drafter = save_drafter(tiny_drafter(model, head="shared"), root / "drafter")
+    drafter = save_drafter(tiny_drafter(model, head="shared", draft_vocab_size=4096), root / "drafter")
     return base, drafter

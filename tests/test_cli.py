@@ -1,4 +1,4 @@
-"""`redrafter generate`: text and JSON output, and clear errors for bad input."""
+"""`redrafter generate`: streamed text and JSON output, sampling, and clear errors for bad input."""
 import json
 import subprocess
 import sys
@@ -22,6 +22,23 @@ def test_generate_json_matches_no_spec(tiny_hf_dir, capsys):
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["tokens"] == len(spec["token_ids"]) <= 12
     assert plain["steps"] == plain["tokens"] - 1 and plain["tokens_per_step"] == 1.0
+
+
+def test_sampled_generation_is_the_same_with_and_without_drafting(tiny_hf_dir, capsys):
+    """Exact sampling draws token n with the request's n-th seeded uniform from the base
+    model's distribution, so drafting changes the steps, not the tokens."""
+    base, drafter = tiny_hf_dir
+    args = ["generate", "--prompt", "Hello there", "--max-new-tokens", "10", "--base", str(base), "--json",
+            "--temperature", "0.9", "--top-p", "0.95"]
+    runs = {}
+    for name, extra in {"spec": ["--drafter", str(drafter), "--seed", "7"], "plain": ["--no-spec", "--seed", "7"],
+                        "other_seed": ["--no-spec", "--seed", "8"]}.items():
+        assert main(args + extra) == 0
+        runs[name] = json.loads(capsys.readouterr().out)
+    assert runs["spec"]["token_ids"] == runs["plain"]["token_ids"] != runs["other_seed"]["token_ids"]
+    assert runs["spec"]["temperature"] == 0.9 and runs["spec"]["speculative"]
+    assert main(args + ["--no-spec", "--top-p", "1.5"]) == 2
+    assert "top_p" in capsys.readouterr().err
 
 
 def test_generate_prints_text_and_a_summary_line(tiny_hf_dir):

@@ -14,10 +14,11 @@ def plain(model, prompts, n, eos=()):
     return [g.token_ids for g in generate(Decoder(model, None, max_batch=len(prompts), max_seq_len=128), prompts, n, eos)]
 
 
-@pytest.mark.parametrize("width,length,head", [(1, 2, "own"), (1, 5, "shared"), (2, 3, "own"), (4, 4, "shared"),
-                                               (8, 5, "own"), (3, 1, "own")])
-def test_random_drafter_is_lossless(tiny_model, width, length, head):
-    d = tiny_drafter(tiny_model, head=head)
+@pytest.mark.parametrize("width,length,head,draft_vocab", [
+    (1, 2, "own", 0), (1, 5, "shared", 0), (2, 3, "own", 0), (4, 4, "shared", 0), (8, 5, "own", 0), (3, 1, "own", 0),
+    (4, 4, "shared", 24), (2, 3, "own", 24)])
+def test_random_drafter_is_lossless(tiny_model, width, length, head, draft_vocab):
+    d = tiny_drafter(tiny_model, head=head, draft_vocab_size=draft_vocab)
     ref = plain(tiny_model, PROMPTS, 30)
     dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, beam_width=width, beam_length=length)
     got = generate(dec, PROMPTS, 30)

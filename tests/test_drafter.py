@@ -11,22 +11,26 @@ from redrafter.runtime.drafter import DraftHead, DrafterConfig, load_drafter, sa
 from conftest import tiny_drafter, tiny_llama
 
 
-@pytest.mark.parametrize("head,rnn,exit_dim", [("own", True, 128), ("own", False, 128), ("own", True, 96), ("shared", True, 128)])
-def test_save_load_gives_identical_logits(tmp_path, head, rnn, exit_dim):
+@pytest.mark.parametrize("head,rnn,exit_dim,draft_vocab", [
+    ("own", True, 128, 0), ("own", False, 128, 0), ("own", True, 96, 0), ("shared", True, 128, 0),
+    ("own", True, 128, 20), ("shared", True, 128, 20)])
+def test_save_load_gives_identical_logits(tmp_path, head, rnn, exit_dim, draft_vocab):
     model = tiny_llama()
-    cfg = DrafterConfig(vocab_size=97, hidden_size=64, exit_dim=exit_dim, num_draft_layers=2, rnn=rnn, head=head)
+    cfg = DrafterConfig(vocab_size=97, hidden_size=64, exit_dim=exit_dim, num_draft_layers=2, rnn=rnn, head=head,
+                        draft_vocab_size=draft_vocab)
     torch.manual_seed(3)
-    d = DraftHead(cfg).eval()
+    d = DraftHead(cfg, torch.arange(0, 3 * draft_vocab, 3) if draft_vocab else None).eval()
     for p in d.parameters():
         torch.nn.init.normal_(p, std=0.1)
     save_drafter(d, tmp_path / "drafter")
     loaded = load_drafter(tmp_path / "drafter")
     h, s = torch.randn(2, 64), torch.randn(2, 64)
     emb = model.embed.weight[:2]
-    base_head = model.lm_head.weight if head == "shared" else None
     for m in (d, loaded):
-        m.out = m.logits(h, m.step(s, emb), base_head)
-    assert torch.equal(d.out, loaded.out)
+        m.out = m.logits(h, m.step(s, emb), m.output_weight(model.lm_head.weight))
+    assert torch.equal(d.out, loaded.out) and d.out.shape[-1] == (draft_vocab or 97)
+    if draft_vocab:
+        assert torch.equal(loaded.draft_vocab, d.draft_vocab)
 
 
 def test_checkpoint_uses_apples_layout(tmp_path):
@@ -68,6 +72,13 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "d" / "config.json").write_text(json.dumps(cfg | {"hidden_size": 32}))
     with pytest.raises(ValueError, match="do not match its config.json"):
         load_drafter(tmp_path / "d")
+    cfg = DrafterConfig.for_base(97, 64, draft_vocab_size=3)
+    with pytest.raises(ValueError, match="increasing token ids"):
+        DraftHead(cfg, torch.tensor([5, 2, 9]))
+    with pytest.raises(ValueError, match="increasing token ids"):
+        DraftHead(cfg, torch.tensor([1, 2, 97]))
+    with pytest.raises(ValueError, match="has 2 ids"):
+        DraftHead(cfg, torch.tensor([1, 2]))
 
 
 def reference_beam_search(d, model, h, first, w, l):
@@ -108,3 +119,26 @@ def test_first_step_expands_only_the_guaranteed_token():
     beams, _ = beam_search(d, model.embed.weight, None, torch.randn(2, 64), torch.tensor([4, 9]), width=6, length=2)
     assert beams[:, :, 0].tolist() == [[4] * 6, [9] * 6]
     assert all(len(set(row)) == 6 for row in beams[:, :, 1].tolist())  # six distinct children
+
+
+@pytest.mark.parametrize("head", ["own", "shared"])
+def test_a_draft_vocabulary_restricts_beams_to_its_tokens_and_changes_nothing_else(head):
+    """A head over 9 of 97 tokens drafts exactly what the whole-vocabulary head drafts when
+    every other token's logit is -inf."""
+    model = tiny_llama()
+    full = tiny_drafter(model, head)
+    vocab = torch.tensor([1, 4, 9, 16, 25, 36, 49, 64, 81])
+    sub = DraftHead(DrafterConfig.for_base(97, 64, head=head, draft_vocab_size=9), vocab).eval()
+    state = full.state_dict()
+    if head == "own":
+        state["lm_head.2.weight"] = state["lm_head.2.weight"][vocab]
+    sub.load_state_dict(state | {"draft_vocab": vocab})
+    mask = torch.full((97,), float("-inf"))
+    mask[vocab] = 0.0
+    unmasked = full.logits
+    full.logits = lambda *args: unmasked(*args) + mask
+    h, first = torch.randn(3, 64), torch.tensor([2, 9, 50])
+    want, _ = beam_search(full, model.embed.weight, full.output_weight(model.lm_head.weight), h, first, 4, 4)
+    got, _ = beam_search(sub, model.embed.weight, sub.output_weight(model.lm_head.weight), h, first, 4, 4)
+    assert torch.equal(got, want)
+    assert set(got[:, :, 1:].flatten().tolist()) <= set(vocab.tolist())

@@ -46,17 +46,21 @@ def test_pack_helper_cuts_to_the_longest_row():
         assert torch.equal(getattr(p, name), getattr(ref, name)), name
 
 
-@pytest.mark.parametrize("head,rnn", [("own", True), ("shared", False)])
-def test_beam_draft_op_is_the_runtime_beam_search(head, rnn):
+@pytest.mark.parametrize("head,rnn,draft_vocab_size", [("own", True, 0), ("shared", False, 0), ("own", True, 40),
+                                                       ("shared", True, 40)])
+def test_beam_draft_op_is_the_runtime_beam_search(head, rnn, draft_vocab_size):
     model = tiny_llama()
-    drafter = tiny_drafter(model, head=head, rnn=rnn)
+    drafter = tiny_drafter(model, head=head, rnn=rnn, draft_vocab_size=draft_vocab_size)
+    lm_head = drafter.output_weight(model.lm_head.weight)
     context, first = torch.randn(3, 64), torch.tensor([1, 5, 9])
-    beams = ops.draft(drafter, model.embed.weight, model.lm_head.weight, context, first, 4, 3)
-    ref, _ = beam_search(drafter, model.embed.weight, model.lm_head.weight if head == "shared" else None,
-                         context, first, 4, 3)
+    beams = ops.draft(drafter, model.embed.weight, lm_head, context, first, 4, 3)
+    ref, _ = beam_search(drafter, model.embed.weight, lm_head, context, first, 4, 3)
     assert beams.shape == (3, 4, 3) and torch.equal(beams, ref)
     assert len({tuple(b) for b in beams[0].tolist()}) == 4  # distinct beams, all from the guaranteed token
     assert (beams[:, :, 0] == first[:, None]).all()
+    if draft_vocab_size:  # drafted tokens are vocabulary ids from the draft vocabulary, not its row numbers
+        assert torch.isin(beams[:, :, 1:], drafter.draft_vocab).all()
+        assert (beams[:, :, 1:] >= draft_vocab_size).any()
 
 
 def test_beam_draft_op_rejects_bad_arguments():
@@ -71,6 +75,13 @@ def test_beam_draft_op_rejects_bad_arguments():
     partial = ops.head_weights(drafter, None) | {"rnn_u_bias": None}
     with pytest.raises(ValueError, match="rnn_u.bias missing"):
         torch.ops.redrafter.beam_draft(context, first, model.embed.weight, **partial, width=2, length=2)
+    shared = tiny_drafter(model, head="shared", draft_vocab_size=40)
+    with pytest.raises(ValueError, match=r"base_lm_head is \[97, 64\], expected \[40, 64\].*output_weight"):
+        ops.draft(shared, model.embed.weight, model.lm_head.weight, context, first, 2, 2)  # the whole LM head
+    unsorted = ops.head_weights(shared, shared.output_weight(model.lm_head.weight))
+    unsorted["draft_vocab"] = unsorted["draft_vocab"].flip(0)
+    with pytest.raises(ValueError, match="increasing token ids"):
+        torch.ops.redrafter.beam_draft(context, first, model.embed.weight, **unsorted, width=2, length=2)
 
 
 def test_packed_attention_in_the_model_matches_dense_masked_attention():
@@ -115,7 +126,7 @@ class _Verify(torch.nn.Module):
     def forward(self, context, first, embed, rnn_w, rnn_u_w, rnn_u_b, r0w, r0b, r1w, r1b, out_w,
                 q, k, v, k_cache, v_cache, slots, starts):
         beams = torch.ops.redrafter.beam_draft(context, first, embed, rnn_w, rnn_u_w, rnn_u_b, None, None,
-                                               [r0w, r1w], [r0b, r1b], out_w, None, 3, 2)
+                                               [r0w, r1w], [r0b, r1b], out_w, None, None, 3, 2)
         tokens, depth, unpacker, mask, n = torch.ops.redrafter.pack_beams(beams)
         out = torch.ops.redrafter.packed_attention(q, k, v, k_cache[0], v_cache[0], slots, starts, mask)
         torch.ops.redrafter.kv_commit(k_cache, v_cache, slots, starts, unpacker[:, -1])
@@ -168,10 +179,10 @@ def test_torch_compile_captures_the_ops_in_one_graph():
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43], [2, 71]]
 
 
-@pytest.mark.parametrize("head", ["own", "shared"])
-def test_greedy_redrafter_is_lossless_with_plugins_on_and_off(head):
+@pytest.mark.parametrize("head,draft_vocab_size", [("own", 0), ("shared", 0), ("own", 40), ("shared", 40)])
+def test_greedy_redrafter_is_lossless_with_plugins_on_and_off(head, draft_vocab_size):
     model = tiny_llama(tied=head == "shared")
-    drafter = tiny_drafter(model, head=head)
+    drafter = tiny_drafter(model, head=head, draft_vocab_size=draft_vocab_size)
     plain = generate(Decoder(model, None, max_batch=3, max_seq_len=64), PROMPTS, 20)
     off = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4), PROMPTS, 20)
     on = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4,

@@ -93,10 +93,11 @@ def test_packed_attention_kernel_single_token_and_long_causal(dtype):
     torch.testing.assert_close(kernels.packed_attention(*pre), REF["packed_attention"](*pre), **ATTN_TOL[dtype])
 
 
-def _draft_args(head: str, rnn: bool, dtype=torch.float32, exit_dim: int | None = None):
+def _draft_args(head: str, rnn: bool, dtype=torch.float32, exit_dim: int | None = None, draft_vocab_size: int = 0):
+    """A drafter, embed, its output weight (head.output_weight(lm_head)), context, first tokens."""
     model = tiny_llama(tied=head == "shared")
     if exit_dim is None:
-        drafter = tiny_drafter(model, head=head, rnn=rnn)
+        drafter = tiny_drafter(model, head=head, rnn=rnn, draft_vocab_size=draft_vocab_size)
     else:  # an input_proj to a narrower exit_dim
         torch.manual_seed(3)
         drafter = DraftHead(DrafterConfig(97, 64, exit_dim, 2, rnn, head))
@@ -107,20 +108,25 @@ def _draft_args(head: str, rnn: bool, dtype=torch.float32, exit_dim: int | None 
     g = torch.Generator().manual_seed(2)
     context = torch.randn(2, 64, generator=g).to(dtype)
     first = torch.tensor([3, 50])
-    embed, lm_head = model.embed.weight.to(dtype), model.lm_head.weight.to(dtype)
+    embed, lm_head = model.embed.weight.to(dtype), drafter.output_weight(model.lm_head.weight.to(dtype))
     return drafter, embed, lm_head, context, first
 
 
-@pytest.mark.parametrize("head,rnn,width,length,exit_dim", [
-    ("own", True, 4, 3, None), ("shared", True, 3, 4, None), ("own", False, 2, 3, None),
-    ("shared", False, 1, 4, None), ("own", True, 4, 1, None), ("own", True, 3, 3, 48),
-], ids=["own_rnn", "shared_rnn", "own_sum", "shared_w1", "l1", "input_proj"])
-def test_beam_draft_kernel_fp32_selects_the_same_beams(head, rnn, width, length, exit_dim):
-    drafter, embed, lm_head, context, first = _draft_args(head, rnn, exit_dim=exit_dim)
+@pytest.mark.parametrize("head,rnn,width,length,exit_dim,draft_vocab_size", [
+    ("own", True, 4, 3, None, 0), ("shared", True, 3, 4, None, 0), ("own", False, 2, 3, None, 0),
+    ("shared", False, 1, 4, None, 0), ("own", True, 4, 1, None, 0), ("own", True, 3, 3, 48, 0),
+    ("own", True, 4, 3, None, 40), ("shared", True, 3, 4, None, 40),
+], ids=["own_rnn", "shared_rnn", "own_sum", "shared_w1", "l1", "input_proj", "own_draft_vocab",
+        "shared_draft_vocab"])
+def test_beam_draft_kernel_fp32_selects_the_same_beams(head, rnn, width, length, exit_dim, draft_vocab_size):
+    drafter, embed, lm_head, context, first = _draft_args(head, rnn, exit_dim=exit_dim,
+                                                          draft_vocab_size=draft_vocab_size)
     weights = ops.head_weights(drafter, lm_head)
     got = kernels.beam_draft(context, first, embed, **weights, width=width, length=length)
     want = REF["beam_draft"](context, first, embed, **weights, width=width, length=length)
     assert got.shape == (2, width, length) and torch.equal(got, want)
+    if draft_vocab_size:  # vocabulary ids, mapped from the head's output rows
+        assert torch.isin(got[:, :, 1:], drafter.draft_vocab).all() and (got[:, :, 1:] >= draft_vocab_size).any()
 
 
 def test_beam_draft_kernel_fp16_finds_equally_good_beams():
@@ -205,6 +211,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert {r["op"] for r in rows} == {"beam_draft", "pack_beams", "packed_attention", "kv_commit"}
     assert all(r["ok"] and r["kernel_ms"] > 0 and r["ref_ms"] > 0 for r in rows)
     assert {r["dtype"] for r in rows if r["op"] == "beam_draft"} == {"float32", "float16"}
+    assert {r["dtype"] for r in rows if r["shape"].startswith("shared Vd=24 ")} == {"float32", "float16"}
 
 
 def test_gpu_check_refuses_cpu_without_the_interpreter(monkeypatch, capsys):

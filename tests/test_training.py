@@ -20,7 +20,7 @@ from redrafter.runtime.pipeline import Loaded
 from redrafter.training import TrainConfig, heldout_prompts, train
 from redrafter.training.data import load_conversations, normalize, split, tokenize
 from redrafter.training.teacher import TeacherCache
-from redrafter.training.trainer import Positions
+from redrafter.training.trainer import Positions, choose_draft_vocab
 
 
 def _write_jsonl(path: Path, n: int = 12) -> Path:
@@ -145,6 +145,33 @@ def test_loss_falls_and_the_drafter_loads_and_decodes_exactly(tmp_path, tiny_hf_
         head = load_drafter(head_dir)
         spec = generate(Decoder(model, head, max_batch=2, max_seq_len=80, beam_width=3, beam_length=4), prompts, 16)
         assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
+
+
+def test_draft_vocabulary_is_the_most_frequent_labels():
+    n = 8
+    cache = TeacherCache(tokens=np.zeros(n, np.int32), assistant=np.ones(n, bool), ends=np.full(n, n, np.int32),
+                         hidden=np.zeros((n, 2), np.float16), argmax=np.array([0, 7, 5, 7, 5, 3, 2, 9], np.int32))
+    p = Positions(cache, draft_len=1, labels="distill")
+    # Step-1 labels at t = 0..5 are argmax[1..6] = 7 5 7 5 3 2: 5 and 7 twice, then 2 and 3 tie (lower id wins).
+    assert choose_draft_vocab(p, 3, 10).tolist() == [2, 5, 7]
+
+
+def test_a_draft_vocabulary_head_trains_saves_its_ids_and_decodes_exactly(tmp_path, tiny_hf_dir, data_file):
+    base, _ = tiny_hf_dir
+    out = train(_config(tmp_path, base, data_file, epochs=3.0, draft_vocab=16))
+    metrics = json.loads((out / "metrics.json").read_text())
+    # The tiny random base spreads its labels over many ids: 16 of them cover a part.
+    assert metrics["draft_vocab"] == 16 and 0.1 < metrics["draft_vocab_label_coverage"] < 1.0
+    history = metrics["history"]
+    assert np.mean([h["loss"] for h in history[-3:]]) < 0.7 * history[0]["loss"]
+    head = load_drafter(out)
+    assert head.cfg.draft_vocab_size == 16 and head.draft_vocab.dtype == torch.long
+    assert torch.equal(head.draft_vocab, head.draft_vocab.sort().values)
+    model, _ = load_base(base)
+    prompts = [Loaded(model, load_tokenizer(base), None, base).encode_chat("Say the words, number 2.")]
+    plain = generate(Decoder(model, None, max_batch=1, max_seq_len=80), prompts, 16)
+    spec = generate(Decoder(model, head, max_batch=1, max_seq_len=80, beam_width=3, beam_length=4), prompts, 16)
+    assert spec[0].token_ids == plain[0].token_ids
 
 
 def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_hf_dir, data_file):

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-len", type=int, default=4, help="drafted tokens trained per position (beam length - 1)")
     p.add_argument("--head", choices=("own", "shared"), default="shared",
                    help="own: Apple's vocab head; shared: project to hidden and reuse the base LM head (small)")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="draft over the N most frequent training labels only (0: the whole vocabulary); "
+                        "cheaper drafting, output unchanged")
     p.add_argument("--labels", choices=("distill", "ground-truth"), default="distill",
                    help="distill: the base model's own next tokens; ground-truth: the dataset's tokens")
     p.add_argument("--seed", type=int, default=0)
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         output=args.output, base=args.base, data=args.data, max_samples=args.max_samples, seq_len=args.seq_len,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, draft_len=args.draft_len, head=args.head,
+        draft_vocab=args.draft_vocab,
         labels=args.labels, seed=args.seed, cache_dir=args.cache_dir, teacher_workers=args.teacher_workers,
         checkpoint_every=args.checkpoint_every, bf16=args.bf16, save_dtype=args.save_dtype, resume=args.resume,
     )

@@ -50,6 +50,7 @@ class TrainConfig:
     batch_size: int = 256            # positions per optimizer step
     draft_len: int = 4               # drafted tokens per position (beam length L = draft_len + 1)
     head: str = "shared"
+    draft_vocab: int = 0             # 0: draft over the whole vocabulary; N: over the N most frequent labels
     labels: str = "distill"
     num_draft_layers: int = 2
     warmup: float = 0.05             # fraction of the steps
@@ -74,6 +75,8 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < self.draft_len + 2:
             raise ValueError(f"--seq-len {self.seq_len} is too short for --draft-len {self.draft_len}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"--max-samples must be >= 1, got {self.max_samples}")
         if not (self.epochs > 0 and self.lr > 0):
@@ -131,6 +134,23 @@ class Positions:
         )
 
 
+def choose_draft_vocab(positions: Positions, size: int, vocab_size: int) -> Tensor:
+    """The `size` most frequent training labels (ties: lower id), as increasing ids: the tokens
+    a small draft vocabulary loses are the ones the head would rarely predict anyway."""
+    counts = np.bincount(positions.labels[positions.valid], minlength=vocab_size)
+    top = np.lexsort((np.arange(vocab_size), -counts))[:size]
+    return torch.from_numpy(np.sort(top)).long()
+
+
+def label_rows(head: DraftHead) -> Tensor | None:
+    """Vocabulary id -> output row of the head (-100, ignored by the loss, outside its draft vocabulary)."""
+    if head.draft_vocab is None:
+        return None
+    rows = torch.full((head.cfg.vocab_size,), -100, dtype=torch.long, device=head.draft_vocab.device)
+    rows[head.draft_vocab] = torch.arange(len(head.draft_vocab), device=rows.device)
+    return rows
+
+
 def draft_logits(head: DraftHead, embed: Tensor, lm_head: Tensor | None, context: Tensor, inputs: Tensor) -> Tensor:
     """Teacher-forced draft logits [B, K, V]: the recurrence over the inputs, then one head call."""
     state = context.new_zeros(context.shape)
@@ -141,14 +161,19 @@ def draft_logits(head: DraftHead, embed: Tensor, lm_head: Tensor | None, context
     return head.logits(context[:, None, :], torch.stack(states, dim=1), lm_head)
 
 
-def step_losses(logits: Tensor, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-step mean cross-entropy [K], per-step top-1 accuracy [K] and counts [K]."""
+def step_losses(logits: Tensor, batch: Batch, rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-step mean cross-entropy [K], per-step top-1 accuracy [K] and counts [K].
+
+    rows: label_rows(head) for a draft-vocabulary head; a label outside the draft vocabulary
+    is a sure miss and gives no gradient."""
     b, k, v = logits.shape
-    ce = F.cross_entropy(logits.reshape(b * k, v), batch.labels.reshape(-1), reduction="none").view(b, k)
+    target = batch.labels if rows is None else rows[batch.labels]
+    ce = F.cross_entropy(logits.reshape(b * k, v), target.reshape(-1), reduction="none", ignore_index=-100)
     w = batch.valid.float()
+    w_loss = w * (target != -100).float()
+    loss = (ce.view(b, k) * w_loss).sum(0) / w_loss.sum(0).clamp(min=1)
     count = w.sum(0)
-    loss = (ce * w).sum(0) / count.clamp(min=1)
-    correct = ((logits.argmax(-1) == batch.labels).float() * w).sum(0)
+    correct = ((logits.argmax(-1) == target).float() * w).sum(0)
     return loss, correct / count.clamp(min=1), count
 
 
@@ -236,9 +261,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
 
     torch.manual_seed(cfg.seed)
     device = embed.device
-    head = DraftHead(DrafterConfig.for_base(embed.shape[0], embed.shape[1], cfg.head, cfg.num_draft_layers))
+    vocab = choose_draft_vocab(positions, cfg.draft_vocab, embed.shape[0]) if cfg.draft_vocab else None
+    head = DraftHead(DrafterConfig.for_base(embed.shape[0], embed.shape[1], cfg.head, cfg.num_draft_layers,
+                                            draft_vocab_size=cfg.draft_vocab), vocab)
     head.to(device).train()
     check_compatible(head.cfg, embed.shape[0], embed.shape[1])
+    out_weight = head.output_weight(lm_head) if lm_head is not None else None
+    rows = label_rows(head)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
     state = {"step": 0, "history": [], "train_seconds": 0.0, "teacher_seconds": t_teacher}
@@ -256,8 +285,8 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         idx = positions.order(cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         batch = positions.batch(idx, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = draft_logits(head, embed, lm_head, batch.context, batch.inputs)
-        loss_k, acc_k, _ = step_losses(logits.float(), batch)
+            logits = draft_logits(head, embed, out_weight, batch.context, batch.inputs)
+        loss_k, acc_k, _ = step_losses(logits.float(), batch, rows)
         loss = loss_k.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,17 +316,20 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         "teacher_seconds": round(state["teacher_seconds"], 1), "train_seconds": round(state["train_seconds"], 1),
         "torch_threads": torch.get_num_threads(),
         "final_train": _mean_recent(state["history"]),
-        "heldout": evaluate(head, embed, lm_head, held_cache, cfg) if held_cache is not None else None,
+        "draft_vocab": cfg.draft_vocab or embed.shape[0],
+        "draft_vocab_label_coverage": _coverage(head, positions),
+        "heldout": evaluate(head, embed, out_weight, held_cache, cfg) if held_cache is not None else None,
     }
     export(head, out, cfg, metrics, state["history"])
     return out
 
 
-def evaluate(head: DraftHead, embed: Tensor, lm_head: Tensor | None, cache, cfg: TrainConfig) -> dict:
+def evaluate(head: DraftHead, embed: Tensor, out_weight: Tensor | None, cache, cfg: TrainConfig) -> dict:
     """Held-out top-1 agreement with the base model's greedy tokens (what greedy acceptance
     checks, whatever labels trained the head), per step with teacher-forced inputs, and the
     chance the first k drafts are all right, whose sum + 1 estimates tokens per step at W=1."""
     positions = Positions(cache, cfg.draft_len, "distill")
+    rows = label_rows(head)
     was_training = head.training
     head.eval()
     correct = torch.zeros(cfg.draft_len)
@@ -306,13 +338,14 @@ def evaluate(head: DraftHead, embed: Tensor, lm_head: Tensor | None, cache, cfg:
     with torch.no_grad():
         for i in range(0, len(positions), 1024):
             b = positions.batch(positions.index[i:i + 1024], embed.device)
-            hit = (draft_logits(head, embed, lm_head, b.context, b.inputs).argmax(-1) == b.labels) & b.valid
+            target = b.labels if rows is None else rows[b.labels]
+            hit = (draft_logits(head, embed, out_weight, b.context, b.inputs).argmax(-1) == target) & b.valid
             correct += hit.float().sum(0).cpu()
             count += b.valid.float().sum(0).cpu()
             chain += hit.cumprod(1).float().sum(0).cpu()
     head.train(was_training)
     n = max(len(positions), 1)
-    return {"positions": len(positions), "acc": [round(float(c / max(m, 1)), 4) for c, m in zip(correct, count)],
+    return {"positions": len(positions), "draft_vocab_label_coverage": _coverage(head, positions), "acc": [round(float(c / max(m, 1)), 4) for c, m in zip(correct, count)],
             "all_correct_through_step": [round(float(c / n), 4) for c in chain],
             "expected_tokens_per_step_w1": round(1 + float(chain.sum() / n), 3)}
 
@@ -328,6 +361,14 @@ def export(head: DraftHead, out: Path, cfg: TrainConfig, metrics: dict, history:
     shutil.rmtree(tmp)
     _write_json(out / "training_config.json", asdict(cfg))
     _write_json(out / "metrics.json", metrics | {"history": history})
+
+
+def _coverage(head: DraftHead, positions: Positions) -> float:
+    """Fraction of the labels (all steps) that the head's draft vocabulary contains."""
+    labels = positions.labels[positions.valid]
+    if head.draft_vocab is None or not len(labels):
+        return 1.0
+    return round(float(np.isin(labels, head.draft_vocab.cpu().numpy()).mean()), 4)
 
 
 def _mean_recent(history: list[dict], n: int = 20) -> dict:

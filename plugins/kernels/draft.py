@@ -9,7 +9,9 @@ The beam search itself stays a short host loop over the L-1 draft steps; each st
 - `_logsoftmax_topk_kernel`: per beam, one pass over the vocabulary computing the
   log-softmax normaliser (online logsumexp) and the beam's own top-W candidates
   (bitonic top-k over packed value/index keys, ties to the lower token id);
-- a W x W merge and the beam-history gather (torch; W^2 elements).
+- a W x W merge and the beam-history gather (torch; W^2 elements); with a draft
+  vocabulary the vocabulary projection has Vd rows and the W picked rows map to token ids
+  here (rows are increasing in token id, so row ties break like token-id ties).
 The global top-W over W*V is always among the per-beam top-W lists, so the two-stage
 top-k selects exactly what runtime.beam_search selects.
 """
@@ -168,7 +170,7 @@ def beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
                rnn_w: Tensor | None, rnn_u_weight: Tensor | None, rnn_u_bias: Tensor | None,
                input_proj_weight: Tensor | None, input_proj_bias: Tensor | None,
                res_weights: list[Tensor], res_biases: list[Tensor], out_weight: Tensor,
-               base_lm_head: Tensor | None, width: int, length: int) -> Tensor:
+               base_lm_head: Tensor | None, draft_vocab: Tensor | None, width: int, length: int) -> Tensor:
     """Same contract as redrafter::beam_draft (see plugins.ops); beams [B, W, L]."""
     b, hid = context.shape
     w = width
@@ -204,7 +206,9 @@ def beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
         flat = (torch.arange(w, device=dev).repeat_interleave(w) * vocab)[None, :] + toks  # parent*V + token
         scores, pick = vals.topk(w, dim=-1)
         flat = flat.gather(1, pick)
-        parent, new_tok = flat // vocab, flat % vocab
+        parent, new_tok = flat // vocab, flat % vocab  # new_tok: output rows
+        if draft_vocab is not None:
+            new_tok = draft_vocab[new_tok]
         beams = torch.cat((beams.gather(1, parent[:, :, None].expand_as(beams)), new_tok[:, :, None]), dim=2)
         state_rows = (parent + torch.arange(b, device=dev)[:, None] * w).view(rows)
         tokens = new_tok.reshape(rows)
