@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     print(f"# threads={torch.get_num_threads()} load={os.getloadavg()}", flush=True)
     results, failed = [], False
+    # One adaptive policy for all batch sizes, as in a serving session (it learns each batch
+    # size online, separately).
+    adaptive = MeasuredBeamPolicy(((1, 1), *shapes))
+    cap_w, cap_l = adaptive.largest_shape
     for b in batches:
-        adaptive = MeasuredBeamPolicy(((1, 1), *shapes))  # a fresh one per batch size: it learns online
-        cap_w, cap_l = adaptive.largest_shape
         sessions = {"plain": Session(Decoder(loaded.model, None, max_batch=b, max_seq_len=max_seq))}
         for sw, sl in shapes:
             sessions[f"fixed {sw}x{sl}"] = Session(Decoder(loaded.model, loaded.drafter, max_batch=b,

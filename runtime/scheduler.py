@@ -88,21 +88,16 @@ class MeasuredBeamPolicy:
     other candidate every `explore_every` steps, so it follows changes in load and
     acceptance. Outputs do not depend on the shape (greedy is lossless; sampled tokens use
     the n-th uniform of their request), so only speed is at stake.
-
-    Trying a losing shape costs a slow step, so what smaller batches taught is kept: a
-    shape with a bigger tree than the winner at a smaller batch size, and slower than
-    `prune` x the winner there, is not tried at larger batch sizes (a larger batch makes
-    every verified token dearer, never cheaper). The smallest tree is never pruned.
     """
 
     def __init__(self, candidates: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (1, 4), (2, 4), (4, 4)),
-                 warmup: int = 2, explore_every: int = 64, decay: float = 0.7, prune: float = 0.8):
+                 warmup: int = 2, explore_every: int = 64, decay: float = 0.7):
         if not candidates or any(w < 1 or l < 1 for w, l in candidates):
             raise ValueError(f"candidate beam shapes must have W, L >= 1, got {candidates}")
-        if warmup < 1 or explore_every < 2 or not 0 < decay < 1 or not 0 <= prune <= 1:
-            raise ValueError("need warmup >= 1, explore_every >= 2, 0 < decay < 1 and 0 <= prune <= 1")
+        if warmup < 1 or explore_every < 2 or not 0 < decay < 1:
+            raise ValueError("need warmup >= 1, explore_every >= 2 and 0 < decay < 1")
         self.candidates = tuple(dict.fromkeys(candidates))
-        self.warmup, self.explore_every, self.decay, self.prune = warmup, explore_every, decay, prune
+        self.warmup, self.explore_every, self.decay = warmup, explore_every, decay
         self._rate: dict[tuple[int, tuple[int, int]], float] = {}  # tokens/s
         self._seen: dict[tuple[int, tuple[int, int]], int] = {}  # observations
         self._last: dict[tuple[int, tuple[int, int]], int] = {}  # step index of the last observation
@@ -110,26 +105,13 @@ class MeasuredBeamPolicy:
 
     def __call__(self, batch: int) -> tuple[int, int]:
         step = self._steps.get(batch, 0)
-        live = self._live(batch)
-        for shape in live:
+        for shape in self.candidates:
             if self._seen.get((batch, shape), 0) < self.warmup:
                 return shape
-        best = max(live, key=lambda s: self._rate[(batch, s)])
-        if step % self.explore_every == self.explore_every - 1 and len(live) > 1:
-            return min((s for s in live if s != best), key=lambda s: self._last[(batch, s)])
+        best = max(self.candidates, key=lambda s: self._rate[(batch, s)])
+        if step % self.explore_every == self.explore_every - 1 and len(self.candidates) > 1:
+            return min((s for s in self.candidates if s != best), key=lambda s: self._last[(batch, s)])
         return best
-
-    def _live(self, batch: int) -> list[tuple[int, int]]:
-        """The candidates not pruned by a smaller, fully measured batch size."""
-        live = list(self.candidates)
-        for b in sorted(k for k in self._steps if k < batch):
-            measured = [s for s in live if self._seen.get((b, s), 0) >= self.warmup]
-            if len(measured) < len(live):
-                continue
-            best = max(live, key=lambda s: self._rate[(b, s)])
-            top = self._rate[(b, best)]
-            live = [s for s in live if s[0] * s[1] <= best[0] * best[1] or self._rate[(b, s)] >= self.prune * top]
-        return live
 
     def observe(self, batch: int, shape: tuple[int, int], tokens: int, seconds: float) -> None:
         key = (batch, shape)

@@ -274,29 +274,6 @@ def test_measured_policy_warms_up_then_exploits_and_keeps_exploring():
     assert policy(1) == (1, 1) and policy.largest_shape == (4, 4)  # batch sizes learn separately
 
 
-def test_measured_policy_does_not_retry_big_trees_that_lost_at_a_smaller_batch():
-    policy = MeasuredBeamPolicy(((1, 1), (1, 2), (4, 4)), warmup=1, explore_every=4, prune=0.8)
-    speed = {1: {(1, 1): 10.0, (1, 2): 30.0, (4, 4): 20.0},   # batch 1: 4x4 at 0.67x of the best
-             2: {(1, 1): 20.0, (1, 2): 25.0, (4, 4): 100.0}}  # (never measured at batch 2)
-
-    def run(batch, n):
-        chosen = []
-        for _ in range(n):
-            shape = policy(batch)
-            chosen.append(shape)
-            policy.observe(batch, shape, tokens=int(speed[batch][shape]), seconds=1.0)
-        return chosen
-
-    assert run(1, 3) == [(1, 1), (1, 2), (4, 4)]
-    # Batch 2 warms up and explores only plain and 1x2: 4x4 (a bigger tree than batch 1's
-    # winner 1x2, and below 0.8x of it there) is pruned.
-    assert (4, 4) not in run(2, 12) and policy(2) == (1, 2)
-    # Batch 1 keeps re-measuring it; once it wins at batch 1, batch 2 may try it again.
-    speed[1][(4, 4)] = 60.0
-    run(1, 9)  # re-measured at batch 1's step 7
-    assert policy(1) == (4, 4) and run(2, 1) == [(4, 4)]
-
-
 def test_adaptive_session_learns_a_shape_and_stays_lossless(tiny):
     model, drafter = tiny
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10]]
