@@ -83,7 +83,9 @@ class MeasuredBeamPolicy:
     Whether drafting pays depends on the machine (how the forward's cost grows with the
     tokens it verifies), the drafter's acceptance on the traffic, and the load, so no table
     fits everywhere. This policy times the steps it chooses: throughput = tokens emitted /
-    step seconds, averaged exponentially per (batch size, shape). It first tries every
+    seconds, each summed with exponentially decaying weights per (batch size, shape) (a ratio
+    of sums: one step's tokens vary from 1 to L per row, so averaging per-step ratios lets a
+    lucky step pick the shape). It first tries every
     candidate `warmup` times, then takes the best and re-tries the least recently measured
     other candidate every `explore_every` steps, so it follows changes in load and
     acceptance. Outputs do not depend on the shape (greedy is lossless; sampled tokens use
@@ -91,14 +93,15 @@ class MeasuredBeamPolicy:
     """
 
     def __init__(self, candidates: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (1, 4), (2, 4), (4, 4)),
-                 warmup: int = 2, explore_every: int = 64, decay: float = 0.7):
+                 warmup: int = 4, explore_every: int = 64, decay: float = 0.9):
         if not candidates or any(w < 1 or l < 1 for w, l in candidates):
             raise ValueError(f"candidate beam shapes must have W, L >= 1, got {candidates}")
         if warmup < 1 or explore_every < 2 or not 0 < decay < 1:
             raise ValueError("need warmup >= 1, explore_every >= 2 and 0 < decay < 1")
         self.candidates = tuple(dict.fromkeys(candidates))
         self.warmup, self.explore_every, self.decay = warmup, explore_every, decay
-        self._rate: dict[tuple[int, tuple[int, int]], float] = {}  # tokens/s
+        self._tokens: dict[tuple[int, tuple[int, int]], float] = {}  # decayed sums
+        self._seconds: dict[tuple[int, tuple[int, int]], float] = {}
         self._seen: dict[tuple[int, tuple[int, int]], int] = {}  # observations
         self._last: dict[tuple[int, tuple[int, int]], int] = {}  # step index of the last observation
         self._steps: dict[int, int] = {}  # steps taken per batch size
@@ -108,19 +111,22 @@ class MeasuredBeamPolicy:
         for shape in self.candidates:
             if self._seen.get((batch, shape), 0) < self.warmup:
                 return shape
-        best = max(self.candidates, key=lambda s: self._rate[(batch, s)])
+        best = max(self.candidates, key=lambda s: self._rate(batch, s))
         if step % self.explore_every == self.explore_every - 1 and len(self.candidates) > 1:
             return min((s for s in self.candidates if s != best), key=lambda s: self._last[(batch, s)])
         return best
 
     def observe(self, batch: int, shape: tuple[int, int], tokens: int, seconds: float) -> None:
         key = (batch, shape)
-        rate = tokens / max(seconds, 1e-9)
-        seen = self._seen.get(key, 0)
-        self._rate[key] = rate if seen == 0 else self.decay * self._rate[key] + (1 - self.decay) * rate
-        self._seen[key] = seen + 1
+        self._tokens[key] = self.decay * self._tokens.get(key, 0.0) + tokens
+        self._seconds[key] = self.decay * self._seconds.get(key, 0.0) + seconds
+        self._seen[key] = self._seen.get(key, 0) + 1
         self._last[key] = self._steps.get(batch, 0)
         self._steps[batch] = self._steps.get(batch, 0) + 1
+
+    def _rate(self, batch: int, shape: tuple[int, int]) -> float:
+        """Measured tokens per second."""
+        return self._tokens[(batch, shape)] / max(self._seconds[(batch, shape)], 1e-9)
 
     @property
     def largest_shape(self) -> tuple[int, int]:
