@@ -176,6 +176,23 @@ def attend(q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor) -> Tensor:
     return out.transpose(1, 2)
 
 
+def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """layer(x) for a linear layer, padding the rows to a multiple of 4 where that is cheaper.
+
+    Measured on the project's CPU (torch 2.13, AMD EPYC, 2 threads): the BLAS GEMM takes 2-3.7x
+    longer for 2 or 3 rows than for 4 (the LM head: 9 ms at 1 row, 23 at 2, 35 at 3, 17 at 4)
+    and 1.5x longer for 6 than for 8, which would make verifying 2-3 tokens dearer than 4 and
+    batch 2 barely faster than batch 1. Rows are independent, so padding changes no row's
+    result. Eager CPU only: compiled programs choose their own kernels and keep shapes symbolic.
+    """
+    m = x.numel() // x.shape[-1]
+    if m < 2 or m % 4 < 2 or x.device.type != "cpu" or torch.compiler.is_compiling():
+        return layer(x)
+    flat = x.reshape(m, x.shape[-1])
+    out = layer(torch.cat((flat, flat.new_zeros(4 - m % 4, flat.shape[1]))))
+    return out[:m].reshape(*x.shape[:-1], out.shape[-1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -192,9 +209,9 @@ class Attention(nn.Module):
         TreeMask to run the redrafter::packed_attention op (redrafter.plugins)."""
         b, t, _ = x.shape
         c = self.cfg
-        q = apply_rope(self.wq(x).view(b, t, c.num_heads, c.head_dim), *rope)
-        k = apply_rope(self.wk(x).view(b, t, c.num_kv_heads, c.head_dim), *rope)
-        v = self.wv(x).view(b, t, c.num_kv_heads, c.head_dim)
+        q = apply_rope(rows_linear(self.wq, x).view(b, t, c.num_heads, c.head_dim), *rope)
+        k = apply_rope(rows_linear(self.wk, x).view(b, t, c.num_kv_heads, c.head_dim), *rope)
+        v = rows_linear(self.wv, x).view(b, t, c.num_kv_heads, c.head_dim)
         # One index_put_ on the whole cache (layer as an index tensor): the same write as
         # cache.k[layer, rows, write_pos] = k, but torch.export sees a mutation of the cache
         # input itself, which AOTInductor does in place instead of copying the layer's slice.
@@ -205,11 +222,11 @@ class Attention(nn.Module):
             out = torch.ops.redrafter.packed_attention(
                 q, k.to(cache.k.dtype), v.to(cache.v.dtype), cache.k[layer], cache.v[layer], rows[:, 0],
                 mask.starts, mask.mask)
-            return self.wo(out.reshape(b, t, -1))
+            return rows_linear(self.wo, out.reshape(b, t, -1))
         s = mask.shape[-1]
         keys = cache.k[layer, :, :s].index_select(0, rows[:, 0])  # [B, S, kv, d]
         vals = cache.v[layer, :, :s].index_select(0, rows[:, 0])
-        return self.wo(attend(q, keys, vals, mask).reshape(b, t, -1))
+        return rows_linear(self.wo, attend(q, keys, vals, mask).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -220,7 +237,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return rows_linear(self.down, F.silu(rows_linear(self.gate, x)) * rows_linear(self.up, x))
 
 
 class Block(nn.Module):
@@ -296,7 +313,7 @@ class Llama(nn.Module):
         return self.norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden).float()
+        return rows_linear(self.lm_head, hidden).float()
 
 
 def causal_mask(b: int, t: int, device: torch.device | str | None = None) -> Tensor:

@@ -88,3 +88,19 @@ def test_smollm2_plain_greedy_equals_transformers(smollm2, mtbench_prompts):
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False,
                               eos_token_id=smollm2.eos_ids, pad_token_id=smollm2.eos_ids[0])
         assert got.token_ids == ref[0, len(prompt):].tolist()
+
+
+def test_rows_linear_pads_two_or_three_rows_mod_4_and_returns_the_same_rows():
+    from redrafter.runtime.model import rows_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    seen: list[int] = []
+    layer.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].numel() // 16))
+    for m in range(1, 10):
+        x = torch.randn(1, m, 16)
+        out = rows_linear(layer, x)
+        assert out.shape == (1, m, 8)
+        assert torch.allclose(out, x @ layer.weight.t() + layer.bias, atol=1e-6)
+    # 2, 3 -> 4; 6, 7 -> 8; 1, 4, 5, 8, 9 rows run as they are.
+    assert seen == [1, 4, 4, 4, 5, 8, 8, 8, 9]
