@@ -181,7 +181,7 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
         if head is not None:
             dargs, dshapes = draft_examples(model, opts.max_batch_size)
             stages.run("compile draft (AOTInductor)", lambda: compile_aoti(
-                DraftBeams(model, head, opts.beam_width, opts.beam_length), dargs, dshapes,
+                DraftBeams(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops), dargs, dshapes,
                 tmp / PROGRAMS_DIR / "draft.pt2"))
             programs["draft"] = f"{PROGRAMS_DIR}/draft.pt2"
         else:

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--beam-length", type=int, default=4, help="L: tokens per beam, counting the guaranteed token")
     p.add_argument("--max-batch-size", type=int, default=1)
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + completion, in tokens")
+    p.add_argument("--plugin-ops", action="store_true",
+                   help="aoti: the draft program calls the redrafter::beam_draft op (its Triton kernel on CUDA) "
+                        "instead of compiling the beam search")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -31,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     out = build_engine(BuildOptions(
         output=args.output, base=args.base, drafter=args.drafter, dtype=args.dtype, quantize=args.quantize,
         device=args.device, backend=args.backend, beam_width=args.beam_width, beam_length=args.beam_length,
-        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, progress=not args.no_progress))
+        max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, plugin_ops=args.plugin_ops,
+        progress=not args.no_progress))
     print(out)
     return 0

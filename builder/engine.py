@@ -55,6 +55,7 @@ class EngineOptions:
     quantize: str = "none"
     device: str = "cpu"
     backend: str = "aoti"
+    plugin_ops: bool = False  # aoti: the draft program calls redrafter::beam_draft (Triton on CUDA)
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -68,6 +69,9 @@ class EngineOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.plugin_ops and self.backend != "aoti":
+            raise ValueError(f"plugin ops inside programs need the aoti backend, not {self.backend!r} "
+                             "(ONNX exports of the plugin ops are in redrafter.plugins.onnx)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -227,11 +231,13 @@ def _load_programs(engine: Engine) -> tuple[Any, Any]:
     if o.backend == "aoti":
         from .export_aoti import load_aoti
 
+        if o.plugin_ops:
+            import redrafter.plugins.ops  # noqa: F401  (registers the ops the program calls)
         forward = load_aoti(fwd_file, BaseForward(engine.model))
         draft = None
         if draft_file is not None and engine.drafter is not None:
             draft = dense(load_aoti(draft_file, DraftBeams(engine.model, engine.drafter, o.beam_width,
-                                                           o.beam_length)))
+                                                           o.beam_length, o.plugin_ops)))
         return forward, draft
     if o.backend == "onnx":
         from .export_onnx import OrtDraft, OrtForward

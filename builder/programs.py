@@ -65,9 +65,9 @@ class DraftBeams(nn.Module):
     """Exportable beam drafting: the recurrent head plus the base embedding (and LM head for
     a shared-head drafter), which the engine shares with the base model."""
 
-    def __init__(self, model: Llama, head: DraftHead, width: int, length: int):
+    def __init__(self, model: Llama, head: DraftHead, width: int, length: int, plugin_ops: bool = False):
         super().__init__()
-        self.head, self.embed = head, model.embed
+        self.head, self.embed, self.plugin_ops = head, model.embed, plugin_ops
         shared = head.cfg.head == "shared"
         self.lm_head = model.lm_head if shared and head.draft_vocab is None else None
         if shared and head.draft_vocab is not None:
@@ -81,6 +81,10 @@ class DraftBeams(nn.Module):
 
     def forward(self, context: Tensor, first_token: Tensor) -> Tensor:
         base_head = self.lm_head.weight if self.lm_head is not None else self.draft_lm_head
+        if self.plugin_ops:  # one redrafter::beam_draft node (AOTInductor calls the registered op)
+            from redrafter.plugins import ops
+
+            return ops.draft(self.head, self.embed.weight, base_head, context, first_token, self.width, self.length)
         beams, _ = beam_search(self.head, self.embed.weight, base_head, context, first_token,
                                self.width, self.length)
         return beams

@@ -28,13 +28,13 @@ def build(tiny_hf_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     built: dict[tuple[str, str], Path] = {}
 
-    def get(backend: str, quantize: str = "none") -> Path:
-        key = (backend, quantize)
+    def get(backend: str, quantize: str = "none", plugin_ops: bool = False) -> Path:
+        key = (backend, quantize, plugin_ops)
         if key not in built:
             built[key] = build_engine(BuildOptions(
-                output=root / f"{backend}-{quantize}", base=base, drafter=drafter, backend=backend,
+                output=root / f"{backend}-{quantize}-{plugin_ops}", base=base, drafter=drafter, backend=backend,
                 quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
-                progress=False))
+                plugin_ops=plugin_ops, progress=False))
         return built[key]
 
     return get
@@ -84,6 +84,22 @@ def test_eager_aoti_onnx_agree_and_equal_plain_greedy(build):
     assert greedy(build("aoti")) == eager
     assert greedy(build("onnx")) == eager
     assert all(len(t) == 24 for t in eager)
+
+
+def test_aoti_draft_program_can_call_the_beam_draft_plugin_op(build, monkeypatch):
+    """With plugin_ops the compiled draft program holds one redrafter::beam_draft node, which
+    AOTInductor runs through the registered op (its CPU implementation here)."""
+    engine_dir = build("aoti", plugin_ops=True)
+    assert json.loads((engine_dir / "config.json").read_text())["build"]["plugin_ops"] is True
+    from redrafter.plugins import ops
+
+    calls = []
+    reference = ops._beam_search
+    monkeypatch.setattr(ops, "_beam_search", lambda *a, **k: calls.append(1) or reference(*a, **k))
+    assert greedy(engine_dir) == greedy(build("eager"))
+    assert calls, "the draft program did not call redrafter::beam_draft"
+    with pytest.raises(ValueError, match="need the aoti backend"):
+        BuildOptions(output="x", backend="onnx", plugin_ops=True).validate()
 
 
 def test_session_opens_an_engine(build):
