@@ -107,13 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         base, drafter = random_checkpoint(root, args.layers)
         prompt = torch.randint(3, SMOLLM2["vocab_size"], (args.prompt_len,),
                                generator=torch.Generator().manual_seed(1)).tolist()
-        plan = [(b, "none") for b in args.backends.split(",")] + ([("aoti", "int8")] if args.int8 else [])
-        for backend, quant in plan:
+        backends = args.backends.split(",")
+        plan = ([(b, "none", False) for b in backends] + ([("aoti", "none", True)] if "aoti" in backends else [])
+                + ([("aoti", "int8", False)] if args.int8 else []))
+        for backend, quant, plugin_ops in plan:  # plugin_ops: the draft program calls redrafter::beam_draft
             t = time.perf_counter()
             path = build_engine(BuildOptions(
-                output=root / f"{backend}-{quant}", base=base, drafter=drafter, backend=backend, quantize=quant,
-                device=args.device, beam_width=args.beam_width, beam_length=args.beam_length, max_batch_size=1,
-                max_seq_len=args.prompt_len + args.new_tokens + 16, progress=False))
+                output=root / f"{backend}{'+plugins' if plugin_ops else ''}-{quant}", base=base, drafter=drafter,
+                backend=backend, quantize=quant, device=args.device, beam_width=args.beam_width,
+                beam_length=args.beam_length, max_batch_size=1, max_seq_len=args.prompt_len + args.new_tokens + 16,
+                plugin_ops=plugin_ops, progress=False))
             r = run_engine(path, prompt, args.new_tokens, args.device) | {"build_s": round(time.perf_counter() - t, 1)}
             r["redrafter_equals_plain"] = r["redrafter"]["tokens"] == r["plain"]["tokens"]
             ok &= r["redrafter_equals_plain"]

@@ -104,3 +104,24 @@ def test_rows_linear_pads_two_or_three_rows_mod_4_and_returns_the_same_rows():
         assert torch.allclose(out, x @ layer.weight.t() + layer.bias, atol=1e-6)
     # 2, 3 -> 4; 6, 7 -> 8; 1, 4, 5, 8, 9 rows run as they are.
     assert seen == [1, 4, 4, 4, 5, 8, 8, 8, 9]
+
+
+def test_rows_linear_exports_with_a_dynamic_row_count():
+    """Padding is eager-only: torch.export must not see (and guard on) the row count."""
+    from torch.export import Dim
+
+    from redrafter.runtime.model import rows_linear
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return rows_linear(self.lin, x)
+
+    m = M()
+    program = torch.export.export(m, (torch.randn(6, 16),), dynamic_shapes=({0: Dim("rows", min=1, max=64)},),
+                                  strict=False)
+    x = torch.randn(3, 16)
+    assert torch.allclose(program.module()(x), m.lin(x), atol=1e-6)
