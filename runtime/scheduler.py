@@ -86,7 +86,8 @@ class MeasuredBeamPolicy:
     seconds, each summed with exponentially decaying weights per (batch size, shape) (a ratio
     of sums: one step's tokens vary from 1 to L per row, so averaging per-step ratios lets a
     lucky step pick the shape). It first tries every
-    candidate `warmup` times, then takes the best and re-tries the least recently measured
+    candidate `warmup` times (its first step, which pays one-time costs, is not counted), then
+    takes the best and re-tries the least recently measured
     other candidate every `explore_every` steps, so it follows changes in load and
     acceptance. Outputs do not depend on the shape (greedy is lossless; sampled tokens use
     the n-th uniform of their request), so only speed is at stake.
@@ -118,9 +119,11 @@ class MeasuredBeamPolicy:
 
     def observe(self, batch: int, shape: tuple[int, int], tokens: int, seconds: float) -> None:
         key = (batch, shape)
-        self._tokens[key] = self.decay * self._tokens.get(key, 0.0) + tokens
-        self._seconds[key] = self.decay * self._seconds.get(key, 0.0) + seconds
-        self._seen[key] = self._seen.get(key, 0) + 1
+        seen = self._seen.get(key, 0)
+        if seen or self.warmup == 1:  # a shape's first step at a batch size pays one-time costs: not counted
+            self._tokens[key] = self.decay * self._tokens.get(key, 0.0) + tokens
+            self._seconds[key] = self.decay * self._seconds.get(key, 0.0) + seconds
+        self._seen[key] = seen + 1
         self._last[key] = self._steps.get(batch, 0)
         self._steps[batch] = self._steps.get(batch, 0) + 1
 
