@@ -173,7 +173,8 @@ def save_drafter(head: DraftHead, path: str | os.PathLike, extra: dict[str, Any]
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = head.cfg.to_json() | (extra or {})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu() for k, v in head.state_dict().items()}
+    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in head.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
     if path.exists():  # swap whole directories so a reader never sees a mix
         for f in path.iterdir():  # keep side files (model card, metrics)

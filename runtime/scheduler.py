@@ -85,11 +85,10 @@ class MeasuredBeamPolicy:
     fits everywhere. This policy times the steps it chooses: throughput = tokens emitted /
     seconds, each summed with exponentially decaying weights per (batch size, shape) (a ratio
     of sums: one step's tokens vary from 1 to L per row, so averaging per-step ratios lets a
-    lucky step pick the shape). It first tries every
-    candidate `warmup` times (its first step, which pays one-time costs, is not counted), then
-    takes the best and re-tries the least recently measured
-    other candidate every `explore_every` steps, so it follows changes in load and
-    acceptance. Outputs do not depend on the shape (greedy is lossless; sampled tokens use
+    lucky step pick the shape). It first tries every candidate `warmup` times (not counting
+    its first step, which pays one-time costs), then takes the best and re-tries the least
+    recently measured other candidate every `explore_every` steps, so it follows changes in
+    load and acceptance. Outputs do not depend on the shape (greedy is lossless; sampled tokens use
     the n-th uniform of their request), so only speed is at stake.
     """
 

@@ -142,12 +142,13 @@ def choose_draft_vocab(positions: Positions, size: int, vocab_size: int) -> Tens
     return torch.from_numpy(np.sort(top)).long()
 
 
-def label_rows(head: DraftHead) -> Tensor | None:
-    """Vocabulary id -> output row of the head (-100, ignored by the loss, outside its draft vocabulary)."""
-    if head.draft_vocab is None:
-        return None
-    rows = torch.full((head.cfg.vocab_size,), -100, dtype=torch.long, device=head.draft_vocab.device)
-    rows[head.draft_vocab] = torch.arange(len(head.draft_vocab), device=rows.device)
+def label_rows(head: DraftHead) -> Tensor:
+    """Vocabulary id -> output row of the head (-100, ignored by the loss, outside its draft
+    vocabulary; the identity without one)."""
+    device = next(head.parameters()).device
+    vocab = head.draft_vocab if head.draft_vocab is not None else torch.arange(head.cfg.vocab_size, device=device)
+    rows = torch.full((head.cfg.vocab_size,), -100, dtype=torch.long, device=device)
+    rows[vocab] = torch.arange(len(vocab), device=device)
     return rows
 
 
@@ -161,13 +162,13 @@ def draft_logits(head: DraftHead, embed: Tensor, lm_head: Tensor | None, context
     return head.logits(context[:, None, :], torch.stack(states, dim=1), lm_head)
 
 
-def step_losses(logits: Tensor, batch: Batch, rows: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def step_losses(logits: Tensor, batch: Batch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-step mean cross-entropy [K], per-step top-1 accuracy [K] and counts [K].
 
-    rows: label_rows(head) for a draft-vocabulary head; a label outside the draft vocabulary
-    is a sure miss and gives no gradient."""
+    rows: label_rows(head); a label outside a draft vocabulary is a sure miss and gives no
+    gradient."""
     b, k, v = logits.shape
-    target = batch.labels if rows is None else rows[batch.labels]
+    target = rows[batch.labels]
     ce = F.cross_entropy(logits.reshape(b * k, v), target.reshape(-1), reduction="none", ignore_index=-100)
     w = batch.valid.float()
     w_loss = w * (target != -100).float()
@@ -338,14 +339,14 @@ def evaluate(head: DraftHead, embed: Tensor, out_weight: Tensor | None, cache, c
     with torch.no_grad():
         for i in range(0, len(positions), 1024):
             b = positions.batch(positions.index[i:i + 1024], embed.device)
-            target = b.labels if rows is None else rows[b.labels]
-            hit = (draft_logits(head, embed, out_weight, b.context, b.inputs).argmax(-1) == target) & b.valid
+            hit = (draft_logits(head, embed, out_weight, b.context, b.inputs).argmax(-1) == rows[b.labels]) & b.valid
             correct += hit.float().sum(0).cpu()
             count += b.valid.float().sum(0).cpu()
             chain += hit.cumprod(1).float().sum(0).cpu()
     head.train(was_training)
     n = max(len(positions), 1)
-    return {"positions": len(positions), "draft_vocab_label_coverage": _coverage(head, positions), "acc": [round(float(c / max(m, 1)), 4) for c, m in zip(correct, count)],
+    return {"positions": len(positions), "draft_vocab_label_coverage": _coverage(head, positions),
+            "acc": [round(float(c / max(m, 1)), 4) for c, m in zip(correct, count)],
             "all_correct_through_step": [round(float(c / n), 4) for c in chain],
             "expected_tokens_per_step_w1": round(1 + float(chain.sum() / n), 3)}
 
