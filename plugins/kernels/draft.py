@@ -26,6 +26,21 @@ from ...runtime.beam_search import _DEAD
 
 
 @triton.jit
+def _accumulate(acc, x_ptr, xr, stride_x, w_ptr, stride_w, rn, K, m_ok, n_ok,
+                PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += x[xr] @ w[rn]^T over K, in BLOCK_K chunks (rows xr of x, rows rn of w)."""
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        a = tl.load(x_ptr + xr[:, None].to(tl.int64) * stride_x + k[None, :],
+                    mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_w + k[:, None],
+                    mask=n_ok[None, :] & (k[:, None] < K), other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _linear_kernel(x_ptr, xrow_ptr, w_ptr, x2_ptr, x2row_ptr, w2_ptr, b_ptr, res_ptr, out_ptr,
                    M, N, K, K2, stride_x, stride_w, stride_x2, stride_w2, stride_res, stride_out,
                    X_ROWS: tl.constexpr, HAS_X2: tl.constexpr, X2_ROWS: tl.constexpr,
@@ -36,26 +51,13 @@ def _linear_kernel(x_ptr, xrow_ptr, w_ptr, x2_ptr, x2row_ptr, w2_ptr, b_ptr, res
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_ok, n_ok = rm < M, rn < N
     xr = tl.load(xrow_ptr + rm, mask=m_ok, other=0) if X_ROWS else rm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + rk
-        a = tl.load(x_ptr + xr[:, None].to(tl.int64) * stride_x + k[None, :],
-                    mask=m_ok[:, None] & (k[None, :] < K), other=0.0)
-        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_w + k[:, None],
-                    mask=n_ok[None, :] & (k[:, None] < K), other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    acc = _accumulate(acc, x_ptr, xr, stride_x, w_ptr, stride_w, rn, K, m_ok, n_ok, PRECISION, BLOCK_K)
     if HAS_X2:
         x2r = tl.load(x2row_ptr + rm, mask=m_ok, other=0) if X2_ROWS else rm
-        for k0 in range(0, K2, BLOCK_K):
-            k = k0 + rk
-            a = tl.load(x2_ptr + x2r[:, None].to(tl.int64) * stride_x2 + k[None, :],
-                        mask=m_ok[:, None] & (k[None, :] < K2), other=0.0)
-            w = tl.load(w2_ptr + rn[None, :].to(tl.int64) * stride_w2 + k[:, None],
-                        mask=n_ok[None, :] & (k[:, None] < K2), other=0.0)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = _accumulate(acc, x2_ptr, x2r, stride_x2, w2_ptr, stride_w2, rn, K2, m_ok, n_ok, PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if SILU:
