@@ -97,9 +97,10 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
     from redrafter.runtime.drafter import check_compatible, load_drafter
 
     compile_names = {"eager": [], "aoti": ["compile forward (AOTInductor)", "verify forward against eager",
-                                           "compile draft (AOTInductor)"],
-                     "onnx": ["export forward (ONNX)", "export draft (ONNX)"],
-                     "tensorrt": ["export forward (ONNX)", "export draft (ONNX)", "build TensorRT plans"]}
+                                           "compile draft (AOTInductor)", "compile step (AOTInductor)"],
+                     "onnx": ["export forward (ONNX)", "export draft (ONNX)", "export step (ONNX, plugin nodes)"],
+                     "tensorrt": ["export forward (ONNX)", "export draft (ONNX)", "export step (ONNX, plugin nodes)",
+                                  "build TensorRT plans"]}
     names = ["load base model", "load drafter", "convert weights", "write weights", "write tokenizer",
              *compile_names[opts.backend], "checksums and config"]
     stages = Stages(names, options.progress)
@@ -144,7 +145,7 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
             programs |= stages.run("build TensorRT plans", lambda: _tensorrt_plans(tmp, programs, opts, model))
 
     def finish() -> None:
-        cfg = engine_config(model.cfg, head.cfg if head else None, opts, programs, plugin_versions(),
+        cfg = engine_config(model.cfg, head.cfg if head else None, opts, programs, plugin_versions(opts, programs),
                             file_checksums(tmp))
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
         read_config(tmp)  # the engine must pass its own loader's checks
@@ -164,8 +165,8 @@ def _convert(model, opts: EngineOptions):
 
 
 def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dict[str, str]:
-    from .programs import (DRAFT_INPUTS, FORWARD_INPUTS, BaseForward, DraftBeams, draft_examples,
-                           forward_examples)
+    from .programs import (DRAFT_INPUTS, FORWARD_INPUTS, BaseForward, DraftBeams, SpeculativeStep, draft_examples,
+                           forward_examples, step_examples)
 
     capacity = opts.max_seq_len + opts.beam_width * opts.beam_length
     programs = {}
@@ -184,10 +185,16 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
                 DraftBeams(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops), dargs, dshapes,
                 tmp / PROGRAMS_DIR / "draft.pt2"))
             programs["draft"] = f"{PROGRAMS_DIR}/draft.pt2"
+            sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
+            stages.run("compile step (AOTInductor)", lambda: compile_aoti(
+                SpeculativeStep(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops), sargs, sshapes,
+                tmp / PROGRAMS_DIR / "step.pt2"))
+            programs["step"] = f"{PROGRAMS_DIR}/step.pt2"
         else:
             stages.run("compile draft (AOTInductor)", lambda: None)
+            stages.run("compile step (AOTInductor)", lambda: None)
         return programs
-    from .export_onnx import DRAFT_OUTPUTS, FORWARD_OUTPUTS, export_onnx
+    from .export_onnx import DRAFT_OUTPUTS, FORWARD_OUTPUTS, export_onnx, export_step_onnx
 
     args, shapes = forward_examples(model, opts.max_batch_size, capacity)
     stages.run("export forward (ONNX)", lambda: export_onnx(
@@ -200,8 +207,14 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
             DraftBeams(model, head, opts.beam_width, opts.beam_length), dargs, dshapes,
             tmp / PROGRAMS_DIR / "draft.onnx", DRAFT_INPUTS, DRAFT_OUTPUTS))
         programs["draft"] = f"{PROGRAMS_DIR}/draft.onnx"
+        sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
+        stages.run("export step (ONNX, plugin nodes)", lambda: export_step_onnx(
+            SpeculativeStep(model, head, opts.beam_width, opts.beam_length, plugin_ops=True, functional=True),
+            sargs, sshapes, tmp / PROGRAMS_DIR / "step.onnx"))
+        programs["step"] = f"{PROGRAMS_DIR}/step.onnx"
     else:
         stages.run("export draft (ONNX)", lambda: None)
+        stages.run("export step (ONNX, plugin nodes)", lambda: None)
     return programs
 
 
@@ -222,23 +235,33 @@ def _tensorrt_plans(tmp: Path, programs: dict[str, str], opts: EngineOptions, mo
         "draft": {"context": ((1, c.hidden_size), (1, c.hidden_size), (bmax, c.hidden_size)),
                   "first_token": ((1,), (1,), (bmax,))},
     }
+    profiles["step"] = {**profiles["draft"], "k_cache": (cache, cache, cache), "v_cache": (cache, cache, cache),
+                        "slots": ((1,), (1,), (bmax,)), "starts": ((1,), (1,), (bmax,))}
     onnx_files = {n: tmp / rel for n, rel in programs.items()}
     plans = build_plans(onnx_files, tmp / PROGRAMS_DIR, profiles, fp16=opts.dtype == "float16")
     return {f"{n}_plan": p.relative_to(tmp).as_posix() for n, p in plans.items()}
 
 
-def plugin_versions() -> dict[str, Any]:
-    """The redrafter:: custom ops present at build time. The programs are exported from the
-    plain PyTorch code, so none of them is baked into an engine (recorded for provenance)."""
+def plugin_versions(opts: EngineOptions, programs: dict[str, str]) -> dict[str, Any]:
+    """The redrafter:: custom ops present at build time and which compiled programs call them
+    (the engine needs those ops registered, i.e. redrafter.plugins, to run)."""
+    used: dict[str, list[str]] = {}
+    if "step" in programs:  # ONNX: always BeamDraft nodes (a TensorRT plugin drafts)
+        drafting = opts.plugin_ops or opts.backend != "aoti"
+        used["step"] = ["beam_draft"] * drafting + ["pack_beams", "packed_attention", "kv_commit"]
+    if opts.backend == "aoti" and "draft" in programs and opts.plugin_ops:
+        used["draft"] = ["beam_draft"]
     try:
         import redrafter.plugins.ops  # noqa: F401  (registers the ops)
     except Exception as e:  # a plugin import failure must not break a build that does not use it
-        return {"available": False, "error": f"{type(e).__name__}: {e}", "used_in_programs": []}
+        if used:
+            raise
+        return {"available": False, "error": f"{type(e).__name__}: {e}", "used_in_programs": used}
     from importlib.metadata import version
 
     ops = sorted(n for n in ("beam_draft", "pack_beams", "packed_attention", "kv_commit")
                  if hasattr(torch.ops.redrafter, n))
-    return {"available": True, "version": version("redrafter"), "ops": ops, "used_in_programs": []}
+    return {"available": True, "version": version("redrafter"), "ops": ops, "used_in_programs": used}
 
 
 def _check_output(out: Path) -> None:

@@ -4,7 +4,9 @@
 
 Engines and modes take turns prompt by prompt (after one warm-up generation each), so load
 drift on a shared machine spreads over all of them. Prints a markdown table; checks that each
-engine's ReDrafter output equals its own plain greedy output.
+engine's ReDrafter output equals its own plain greedy output. Engines with a fused step
+program also run "redrafter-unfused" (draft and forward programs, host pack/accept/commit),
+which measures what the fusion buys.
 """
 from __future__ import annotations
 
@@ -38,9 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         e = load_engine(path)
         prompts = [e.encode_chat(t) for t in texts]
         modes = [("plain", False)] + ([("redrafter", True)] if e.drafter is not None else [])
+        if e.programs().step is not None:  # the same steps with the host doing pack/accept/commit
+            modes.append(("redrafter-unfused", True))
         for mode, spec in modes:
             label = f"{path.name} {mode}"
             d = e.decoder(speculative=spec)
+            if mode == "redrafter-unfused":
+                d.fused_step = None
             generate(d, [prompts[0]], 16, e.eos_ids)  # warm-up
             systems.append((label, d, e.eos_ids, prompts))
     runs: dict[str, list] = {s[0]: [] for s in systems}
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                      "tokens_per_step": round((tokens - len(gens)) / max(steps, 1), 3),
                      "ttft_ms": round(statistics.median(g.prefill_s for g, _ in gens) * 1e3, 1)})
         plain = f"{label.rsplit(' ', 1)[0]} plain"
-        if label.endswith("redrafter"):
+        if label.endswith(("redrafter", "redrafter-unfused")):
             same = [g.token_ids for g, _ in gens] == [g.token_ids for g, _ in runs[plain]]
             rows[-1]["equals_plain"] = same
             ok &= same

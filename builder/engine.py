@@ -183,7 +183,7 @@ class Engine:
         self.path, self.config = path, config
         self.options = EngineOptions.from_json(config["build"])
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
-        self._programs: tuple[Any, Any] | None = None
+        self._programs: Programs | None = None
 
     @property
     def eos_ids(self) -> list[int]:
@@ -192,9 +192,9 @@ class Engine:
     def encode_chat(self, text: str) -> list[int]:
         return pipeline.encode_chat(self.tokenizer, text)
 
-    def programs(self) -> tuple[Any, Any]:
-        """(forward, draft) callables for the engine's backend; (None, None) for eager.
-        Loaded once and shared by every decoder of this engine."""
+    def programs(self) -> "Programs":
+        """The compiled programs for the engine's backend (none for eager). Loaded once and
+        shared by every decoder of this engine."""
         if self._programs is None:
             self._programs = _load_programs(self)
         return self._programs
@@ -208,41 +208,55 @@ class Engine:
         if n > o.max_batch_size:
             raise ValueError(f"max_batch_size {n} exceeds the engine's {o.max_batch_size}: "
                              "rebuild with a larger --max-batch-size")
-        forward, draft = self.programs()
+        programs = self.programs()
         model = self.model
-        if forward is not None:
+        if programs.forward is not None:
             from .programs import CompiledBase
 
             n = o.max_batch_size
-            model = CompiledBase(self.model, forward, (n, o.max_seq_len + o.beam_width * o.beam_length))
-        drafter = self.drafter if speculative else None
-        return Decoder(model, drafter, max_batch=n, max_seq_len=o.max_seq_len, beam_width=o.beam_width,
-                       beam_length=o.beam_length, draft=draft if speculative else None)
+            model = CompiledBase(self.model, programs.forward, (n, o.max_seq_len + o.beam_width * o.beam_length))
+        if not speculative:
+            return Decoder(model, None, max_batch=n, max_seq_len=o.max_seq_len, beam_width=o.beam_width,
+                           beam_length=o.beam_length)
+        return Decoder(model, self.drafter, max_batch=n, max_seq_len=o.max_seq_len, beam_width=o.beam_width,
+                       beam_length=o.beam_length, draft=programs.draft, fused_step=programs.step)
 
 
-def _load_programs(engine: Engine) -> tuple[Any, Any]:
+@dataclass
+class Programs:
+    """An engine's compiled programs as callables (see builder.programs); None where absent."""
+    forward: Any = None
+    draft: Any = None
+    step: Any = None
+
+
+def _load_programs(engine: Engine) -> Programs:
     o, progs = engine.options, engine.config.get("programs") or {}
     if o.backend == "eager":
-        return None, None
-    from .programs import BaseForward, DraftBeams, dense
+        return Programs()
+    from .programs import BaseForward, DraftBeams, SpeculativeStep, dense
+
+    def path(name: str) -> Path | None:
+        return engine.path / progs[name] if progs.get(name) and engine.drafter is not None else None
 
     fwd_file = engine.path / progs["forward"]
-    draft_file = engine.path / progs["draft"] if progs.get("draft") else None
     if o.backend == "aoti":
         from .export_aoti import load_aoti
 
-        if o.plugin_ops:
-            import redrafter.plugins.ops  # noqa: F401  (registers the ops the program calls)
-        forward = load_aoti(fwd_file, BaseForward(engine.model))
-        draft = None
-        if draft_file is not None and engine.drafter is not None:
-            draft = dense(load_aoti(draft_file, DraftBeams(engine.model, engine.drafter, o.beam_width,
-                                                           o.beam_length, o.plugin_ops)))
-        return forward, draft
-    if o.backend == "onnx":
-        from .export_onnx import OrtDraft, OrtForward
+        import redrafter.plugins.ops  # noqa: F401  (registers the ops the programs call)
 
-        return OrtForward(fwd_file), (dense(OrtDraft(draft_file)) if draft_file is not None else None)
+        m, head, w, l = engine.model, engine.drafter, o.beam_width, o.beam_length
+        out = Programs(forward=load_aoti(fwd_file, BaseForward(m)))
+        if path("draft"):
+            out.draft = dense(load_aoti(path("draft"), DraftBeams(m, head, w, l, o.plugin_ops)))
+        if path("step"):
+            out.step = dense(load_aoti(path("step"), SpeculativeStep(m, head, w, l, o.plugin_ops)))
+        return out
+    if o.backend == "onnx":
+        from .export_onnx import OrtDraft, OrtForward, OrtStep
+
+        return Programs(OrtForward(fwd_file), dense(OrtDraft(path("draft"))) if path("draft") else None,
+                        dense(OrtStep(path("step"))) if path("step") else None)
     from .tensorrt import load_tensorrt
 
     return load_tensorrt(engine)

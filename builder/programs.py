@@ -1,17 +1,19 @@
 """The engine's programs as exportable modules, and the runtime adapters that run them.
 
-Two programs (compiled separately; a single fused draft->pack->verify->accept program is not
-built: packing has a data-dependent length and acceptance/commit are a few cheap host ops):
-
 - forward: the base model over new tokens against the KV cache, used for prefill, plain steps
-  and packed verification. Inputs: tokens/positions [B, T], the caches k/v (mutated in place
-  for AOTInductor), slots/starts [B] and the visibility mask [B, T, S] over cache positions
-  [0, S) (S = longest committed length + T). B, T and S are dynamic dimensions.
+  and the verification of sampling steps. Inputs: tokens/positions [B, T], the caches k/v
+  (mutated in place for AOTInductor), slots/starts [B] and the visibility mask [B, T, S] over
+  cache positions [0, S) (S = longest committed length + T). B, T and S are dynamic dimensions.
 - draft: beam drafting with the recurrent head, context [B, H] + guaranteed token [B] ->
   beams [B, W, L] (W and L fixed at build time).
+- step (aoti): a whole greedy ReDrafter step, draft -> pack -> verify -> accept -> commit, in
+  one program. Packing has a data-dependent length, so the step packs into the fixed W*L
+  tokens of redrafter::pack_beams (padding sees only itself) and attends through
+  redrafter::packed_attention, which finds each row's context length itself; every shape in the
+  program is then static but the batch.
 
 `CompiledBase` wraps a forward program so that it quacks like `runtime.model.Llama` for the
-`Decoder`; the draft program plugs into `Decoder(draft=...)`.
+`Decoder`; the draft and step programs plug into `Decoder(draft=..., fused_step=...)`.
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from redrafter.runtime.acceptance import greedy_verify
 from redrafter.runtime.beam_search import beam_search
 from redrafter.runtime.drafter import DraftHead
-from redrafter.runtime.model import KVCache, Llama, attention_mask
+from redrafter.runtime.model import KVCache, Llama, TreeMask, attention_mask
 
 # Signature of a forward program: (tokens, positions, k, v, slots, starts, mask) -> hidden,
 # writing the new keys/values into k and v.
@@ -31,6 +34,7 @@ DraftProgram = Callable[[Tensor, Tensor], Tensor]
 
 FORWARD_INPUTS = ("tokens", "positions", "k_cache", "v_cache", "slots", "starts", "mask")
 DRAFT_INPUTS = ("context", "first_token")
+STEP_INPUTS = ("context", "first_token", "k_cache", "v_cache", "slots", "starts")
 
 
 def cache_view(k: Tensor, v: Tensor) -> KVCache:
@@ -90,6 +94,38 @@ class DraftBeams(nn.Module):
         return beams
 
 
+class SpeculativeStep(nn.Module):
+    """Exportable greedy ReDrafter step: (context [B, H], guaranteed token [B], caches k/v,
+    slots [B], committed lengths [B]) -> emitted tokens [B, L] (valid up to counts), counts
+    [B], hidden [B, H] at the last accepted token. The accepted path's K/V are committed in
+    place (redrafter::kv_commit); the caller advances lengths by counts and takes the last
+    emitted token as the next guaranteed one. functional=True (ONNX) leaves the inputs alone
+    and also returns the updated caches."""
+
+    def __init__(self, model: Llama, head: DraftHead, width: int, length: int, plugin_ops: bool = False,
+                 functional: bool = False):
+        super().__init__()
+        from redrafter.plugins import ops  # noqa: F401  (registers pack_beams, packed_attention, kv_commit)
+
+        self.model, self.functional = model, functional
+        self.draft = DraftBeams(model, head, width, length, plugin_ops)
+        self.train(False)
+
+    def forward(self, context: Tensor, first_token: Tensor, k: Tensor, v: Tensor, slots: Tensor,
+                starts: Tensor) -> tuple[Tensor, ...]:
+        if self.functional:
+            k, v = k.clone(), v.clone()
+        beams = self.draft(context, first_token)  # [B, W, L]
+        tokens, depth, unpacker, tree, _ = torch.ops.redrafter.pack_beams(beams)  # T = W * L
+        hidden = self.model.forward_masked(tokens, starts[:, None] + depth, cache_view(k, v), slots, starts,
+                                           TreeMask(starts, tree))  # [B, T, H]
+        out = greedy_verify(beams, unpacker, self.model.logits(hidden).argmax(-1))
+        torch.ops.redrafter.kv_commit(k, v, slots, starts, out.path)
+        rows = torch.arange(beams.shape[0], device=beams.device)
+        result = (out.tokens, out.counts, hidden[rows, out.last])
+        return (*result, k, v) if self.functional else result
+
+
 def dense(program: Callable) -> Callable:
     """Call `program` with contiguous inputs: compiled code assumes dense row-major tensors."""
     return lambda *args: program(*(a.contiguous() for a in args))
@@ -135,6 +171,17 @@ def draft_examples(model: Llama, max_batch: int) -> tuple[tuple, dict]:
     first = torch.zeros(b, dtype=torch.long, device=w.device)
     batch = Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
     return (context, first), (({0: batch}, {0: batch}) if batch else (None, None))
+
+
+def step_examples(model: Llama, max_batch: int, capacity: int) -> tuple[tuple, dict]:
+    """Example inputs and dynamic shapes of the step program (only the batch is dynamic)."""
+    (context, first), draft_shapes = draft_examples(model, max_batch)
+    b = context.shape[0]
+    cache = model.new_cache(max_batch, capacity)
+    slots = torch.arange(b, device=context.device)
+    starts = torch.full((b,), 2, dtype=torch.long, device=context.device)
+    batch = draft_shapes[0]
+    return (context, first, cache.k, cache.v, slots, starts), (*draft_shapes, None, None, batch, batch)
 
 
 class CompiledBase(nn.Module):

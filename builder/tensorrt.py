@@ -64,6 +64,6 @@ def build_plans(onnx_files: dict[str, Path], out_dir: Path, profiles: dict[str, 
     return plans
 
 
-def load_tensorrt(engine: Any) -> tuple[Any, Any]:
+def load_tensorrt(engine: Any) -> Any:
     raise ValueError("running TensorRT plans is not implemented in this runtime (TensorRT was never "
                      "available to test it): use the engine's ONNX programs with --backend onnx")

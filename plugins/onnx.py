@@ -201,10 +201,12 @@ def _functional_kv_commit(ep: torch.export.ExportedProgram) -> torch.export.Expo
     return ep
 
 
-def export(module: torch.nn.Module, args: tuple, path: str | Path | None = None, **kwargs) -> onnx.ModelProto:
+def export(module: torch.nn.Module, args: tuple, path: str | Path | None = None, dynamic_shapes=None,
+           **kwargs) -> onnx.ModelProto:
     """torch.onnx.export (dynamo) with the redrafter ops mapped to their custom nodes;
     writes `path` if given and returns the checked ModelProto."""
-    ep = _functional_kv_commit(torch.export.export(module, args).run_decompositions({}))  # functionalise
+    ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    ep = _functional_kv_commit(ep.run_decompositions({}))  # functionalise
     program = torch.onnx.export(ep, args, dynamo=True, custom_translation_table=_translations(),
                                 optimize=False, **kwargs)
     model = program.model_proto
@@ -295,5 +297,6 @@ def ort_session(model: onnx.ModelProto):
             imp.domain = _ORT_DOMAIN
     _register_pyops(signatures)
     options = ort.SessionOptions()
+    options.log_severity_level = 3  # no warnings about nodes it cannot constant-fold
     options.register_custom_ops_library(get_library_path())
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

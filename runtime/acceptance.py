@@ -33,11 +33,39 @@ class Acceptance:
 
 def greedy_accept(beams: Tensor, predicted: Tensor) -> Acceptance:
     """beams [B, W, L]; predicted [B, W, L]: base argmax at each beam position."""
-    match = (beams[:, :, 1:] == predicted[:, :, :-1]).int().cumprod(dim=-1)
-    per_beam = match.sum(-1)  # [B, W]
+    match = (beams[:, :, 1:] == predicted[:, :, :-1]).long()  # [B, W, L-1]
+    # The longest all-match prefix: positions j whose running count of matches is j + 1
+    # (a cumsum: unlike cumprod it has an ONNX export).
+    run = torch.arange(1, beams.shape[2], device=beams.device)
+    per_beam = (match.cumsum(-1) == run).sum(-1)  # [B, W]
     accepted, beam = per_beam.max(dim=-1)
     rows = torch.arange(beams.shape[0], device=beams.device)
     return Acceptance(beam, accepted, predicted[rows, beam, accepted])
+
+
+@dataclass
+class GreedyStep:
+    tokens: Tensor  # [B, L] emitted: the accepted drafts, then the bonus; row b valid up to counts[b]
+    counts: Tensor  # [B] emitted tokens (accepted drafts + bonus)
+    path: Tensor  # [B, L] packed index of each token of the chosen beam (what kv_commit moves)
+    last: Tensor  # [B] packed index of the last accepted token: decoding continues from its hidden state
+
+
+def greedy_verify(beams: Tensor, unpacker: Tensor, predicted_packed: Tensor) -> GreedyStep:
+    """One greedy verification from the base argmax at every packed token.
+
+    beams [B, W, L]; unpacker [B, W, L] (packed index of every beam token); predicted_packed
+    [B, T]. Pure tensor code with static shapes: the decoder and the compiled step program
+    (redrafter.builder) share it.
+    """
+    b, w, l = beams.shape
+    predicted = predicted_packed.gather(1, unpacker.reshape(b, w * l)).view(b, w, l)
+    acc = greedy_accept(beams, predicted)
+    rows = torch.arange(b, device=beams.device)
+    path = unpacker[rows, acc.beam]
+    drafts = torch.cat((beams[rows, acc.beam, 1:], acc.bonus[:, None]), dim=1)
+    tokens = drafts.scatter(1, acc.accepted[:, None], acc.bonus[:, None])
+    return GreedyStep(tokens, acc.accepted + 1, path, path.gather(1, acc.accepted[:, None])[:, 0])
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .acceptance import greedy_accept, tree_walk
+from .acceptance import greedy_verify, tree_walk
 from .beam_search import beam_search
 from .drafter import DraftHead, check_compatible
 from .model import Llama, causal_mask
@@ -43,7 +43,8 @@ class Decoder:
 
     def __init__(self, model: Llama, drafter: DraftHead | None = None, *, max_batch: int = 1,
                  max_seq_len: int = 2048, beam_width: int = 4, beam_length: int = 4,
-                 use_plugins: bool = False, draft: Callable[[Tensor, Tensor], Tensor] | None = None):
+                 use_plugins: bool = False, draft: Callable[[Tensor, Tensor], Tensor] | None = None,
+                 fused_step: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam width and length must be >= 1, got W={beam_width}, L={beam_length}")
         if drafter is not None:
@@ -67,9 +68,12 @@ class Decoder:
             from ..plugins import ops as plugin_ops  # registers the ops
 
             self.plugin_ops = plugin_ops
-        # draft: a compiled beam-drafting program, (context [B, H], first token [B]) -> beams
-        # [B, W, L] for the initial beam shape (redrafter.builder); used while that shape holds.
-        self.draft, self._draft_shape = draft, (beam_width, beam_length)
+        # Compiled programs for the initial beam shape (redrafter.builder), used while that shape
+        # holds. draft: (context [B, H], first token [B]) -> beams [B, W, L]. fused_step: a whole
+        # greedy step, (context, first token, cache k, cache v, slots, starts) -> emitted tokens
+        # [B, L], counts [B], hidden [B, H] of the last accepted token, committing the accepted
+        # K/V in place; used when no row of the batch samples.
+        self.draft, self.fused_step, self._draft_shape = draft, fused_step, (beam_width, beam_length)
 
     @property
     def device(self) -> torch.device:
@@ -164,30 +168,38 @@ class Decoder:
 
     def _speculative_step(self, slots: Tensor) -> StepOutput:
         m = self.model
+        slot_list = slots.tolist()
+        sampling = self._sampling(slot_list, self.beam_length)
         starts = self.lengths[slots]
+        if sampling is None and self.fused_step is not None and self._built_shape():
+            return self._fused_step(slots, starts)
         beams, packed = self._draft_and_pack(slots)
         positions = starts[:, None] + packed.depth
         hidden = m(packed.tokens, positions, self.cache, slots, starts, packed.mask,
                    use_plugins=self.use_plugins)  # [B, T, H]
-        slot_list = slots.tolist()
-        sampling = self._sampling(slot_list, self.beam_length)
         if sampling is not None:
             return self._walk_step(slots, slot_list, starts, packed, hidden, sampling)
-        predicted_packed = m.logits(hidden).argmax(-1)  # [B, T]
-        b, w, l = beams.shape
-        predicted = predicted_packed.gather(1, packed.unpacker.view(b, w * l)).view(b, w, l)
-        acc = greedy_accept(beams, predicted)
-        rows = torch.arange(b, device=self.device)
-        path = packed.unpacker[rows, acc.beam]  # [B, L] packed indices along the chosen beam
-        self._commit(slots, starts, path)
-        last = path[rows, acc.accepted]
-        self.lengths[slots] = starts + acc.accepted + 1
-        self.next_token[slots] = acc.bonus
-        self.hidden[slots] = hidden[rows, last]
-        # Emitted: drafts 1..accepted of the chosen beam, then the bonus token.
-        emitted = torch.cat((beams[rows, acc.beam, 1:], acc.bonus[:, None]), dim=1)
-        emitted[rows, acc.accepted] = acc.bonus
-        return StepOutput(emitted, acc.accepted + 1)
+        out = greedy_verify(beams, packed.unpacker, m.logits(hidden).argmax(-1))
+        self._commit(slots, starts, out.path)
+        rows = torch.arange(slots.shape[0], device=self.device)
+        self.lengths[slots] = starts + out.counts
+        self.next_token[slots] = out.tokens[rows, out.counts - 1]
+        self.hidden[slots] = hidden[rows, out.last]
+        return StepOutput(out.tokens, out.counts)
+
+    def _fused_step(self, slots: Tensor, starts: Tensor) -> StepOutput:
+        """A greedy step in one compiled program (draft -> pack -> verify -> accept -> commit)."""
+        tokens, counts, hidden = self.fused_step(self.hidden[slots], self.next_token[slots], self.cache.k,
+                                                 self.cache.v, slots, starts)
+        rows = torch.arange(slots.shape[0], device=self.device)
+        self.lengths[slots] = starts + counts
+        self.next_token[slots] = tokens[rows, counts - 1]
+        self.hidden[slots] = hidden
+        return StepOutput(tokens, counts)
+
+    def _built_shape(self) -> bool:
+        """Compiled drafting programs hold the beam shape they were built for."""
+        return (self.beam_width, self.beam_length) == self._draft_shape
 
     def _draft_and_pack(self, slots: Tensor) -> tuple[Tensor, PackedBeams]:
         """Beams [B, W, L] and their packed tree, from the plugin ops, the engine's compiled
@@ -199,7 +211,7 @@ class Decoder:
             beams = self.plugin_ops.draft(head, m.embed.weight, base_head, context, first,
                                           self.beam_width, self.beam_length)
             return beams, self.plugin_ops.pack(beams)
-        if self.draft is not None and (self.beam_width, self.beam_length) == self._draft_shape:
+        if self.draft is not None and self._built_shape():
             beams = self.draft(context, first)
         else:
             beams, _ = beam_search(head, m.embed.weight, base_head, context, first, self.beam_width, self.beam_length)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from redrafter.bench.metrics import agreement, figures, mismatches
 from redrafter.bench.systems import Run
@@ -146,14 +147,15 @@ def test_mismatch_with_plain_greedy_fails_loudly(tiny_hf_dir, prompt_file, tmp_p
     """A decoder whose bonus token is wrong must make the command exit non-zero, naming the prompt."""
     import redrafter.runtime.decoding as decoding
 
-    real_accept = decoding.greedy_accept
+    real_verify = decoding.greedy_verify
 
-    def wrong_bonus(beams, predicted):
-        acc = real_accept(beams, predicted)
-        acc.bonus = (acc.bonus + 1) % 49152
-        return acc
+    def wrong_bonus(beams, unpacker, predicted):
+        out = real_verify(beams, unpacker, predicted)
+        rows = torch.arange(out.tokens.shape[0])
+        out.tokens[rows, out.counts - 1] = (out.tokens[rows, out.counts - 1] + 1) % 49152
+        return out
 
-    monkeypatch.setattr(decoding, "greedy_accept", wrong_bonus)
+    monkeypatch.setattr(decoding, "greedy_verify", wrong_bonus)
     rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "4", "--beam-width", "2",
                      "--beam-length", "3", "--peers", "none"))
     assert rc == 1

@@ -55,7 +55,8 @@ def test_engine_directory_is_complete_and_checksummed(build):
     assert cfg["build"]["beam_width"] == 3 and cfg["build"]["max_seq_len"] == MAX_SEQ_LEN
     files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"config.json"}
     assert set(cfg["files"]) == files
-    assert {"base.safetensors", "drafter.safetensors", "programs/forward.pt2", "programs/draft.pt2"} <= files
+    assert {"base.safetensors", "drafter.safetensors", "programs/forward.pt2", "programs/draft.pt2",
+            "programs/step.pt2"} <= files
     assert any(f.startswith("tokenizer/") for f in files)
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
@@ -87,19 +88,83 @@ def test_eager_aoti_onnx_agree_and_equal_plain_greedy(build):
 
 
 def test_aoti_draft_program_can_call_the_beam_draft_plugin_op(build, monkeypatch):
-    """With plugin_ops the compiled draft program holds one redrafter::beam_draft node, which
-    AOTInductor runs through the registered op (its CPU implementation here)."""
+    """With plugin_ops the compiled draft and step programs draft with one redrafter::beam_draft
+    node, which AOTInductor runs through the registered op (its CPU implementation here)."""
     engine_dir = build("aoti", plugin_ops=True)
-    assert json.loads((engine_dir / "config.json").read_text())["build"]["plugin_ops"] is True
+    cfg = json.loads((engine_dir / "config.json").read_text())
+    assert cfg["build"]["plugin_ops"] is True
+    assert cfg["plugins"]["used_in_programs"] == {
+        "step": ["beam_draft", "pack_beams", "packed_attention", "kv_commit"], "draft": ["beam_draft"]}
     from redrafter.plugins import ops
 
     calls = []
     reference = ops._beam_search
     monkeypatch.setattr(ops, "_beam_search", lambda *a, **k: calls.append(1) or reference(*a, **k))
     assert greedy(engine_dir) == greedy(build("eager"))
-    assert calls, "the draft program did not call redrafter::beam_draft"
+    assert calls, "the step program did not call redrafter::beam_draft"
     with pytest.raises(ValueError, match="need the aoti backend"):
         BuildOptions(output="x", backend="onnx", plugin_ops=True).validate()
+
+
+def test_aoti_greedy_steps_run_as_one_compiled_program(build):
+    """The aoti engine's greedy steps are one call of the step program (draft -> pack -> verify
+    -> accept -> commit, with the plugin ops inside) and decode exactly as eager."""
+    path = build("aoti")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["programs"]["step"] == "programs/step.pt2"
+    assert cfg["plugins"]["used_in_programs"] == {"step": ["pack_beams", "packed_attention", "kv_commit"]}
+    e = load_engine(path)
+    programs = e.programs()
+    calls, step = [], programs.step
+    programs.step = lambda *a: calls.append(a[0].shape[0]) or step(*a)
+    prompts = [e.encode_chat(p) for p in PROMPTS]
+    out = generate(e.decoder(), prompts, 24, e.eos_ids)
+    assert [g.token_ids for g in out] == greedy(build("eager"))
+    assert len(calls) == max(g.steps for g in out) and calls[0] == 2
+
+
+def test_onnx_step_program_holds_the_plugin_nodes_and_decodes_like_eager(build):
+    """step.onnx is the whole greedy step with one custom-domain node per plugin op (what a
+    TensorRT engine with our plugins would run); ONNX Runtime runs it with the ops' PyTorch
+    references and decodes exactly as eager."""
+    import onnx
+
+    from redrafter.plugins.onnx import DOMAIN, register_schemas
+
+    path = build("onnx")
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["programs"]["step"] == "programs/step.onnx"
+    assert cfg["plugins"]["used_in_programs"] == {"step": ["beam_draft", "pack_beams", "packed_attention", "kv_commit"]}
+    model = onnx.load(str(path / "programs" / "step.onnx"))
+    register_schemas()
+    onnx.checker.check_model(model, full_check=True)
+    custom = [n.op_type for n in model.graph.node if n.domain == DOMAIN]
+    assert sorted(set(custom)) == ["BeamDraft", "KvCommit", "PackBeams", "PackedAttention"]
+    assert custom.count("PackedAttention") == cfg["base"]["num_layers"] and custom.count("BeamDraft") == 1
+    e = load_engine(path)
+    programs = e.programs()
+    calls, step = [], programs.step
+    programs.step = lambda *a: calls.append(1) or step(*a)
+    prompts = [e.encode_chat(p) for p in PROMPTS]
+    assert [g.token_ids for g in generate(e.decoder(), prompts, 24, e.eos_ids)] == greedy(build("eager"))
+    assert calls
+
+
+def test_aoti_engine_samples_through_its_draft_and_forward_programs(build):
+    """Sampling steps walk the tree on the host (the step program is greedy only); seeded
+    output equals the eager engine's."""
+    from redrafter.runtime.session import SamplingParams, Session
+
+    outs = {}
+    for backend in ("eager", "aoti"):
+        session = Session.open(build(backend))
+        try:
+            outs[backend] = [o.token_ids for o in session.generate(
+                PROMPTS, SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=5))]
+        finally:
+            session.close()
+    assert outs["aoti"] == outs["eager"]
+    assert outs["aoti"] != greedy(build("eager"), n=16)
 
 
 def test_session_opens_an_engine(build):
