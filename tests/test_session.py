@@ -315,8 +315,8 @@ def test_adaptive_session_learns_a_shape_and_stays_lossless(tiny):
     dec = Decoder(model, drafter, max_batch=4, max_seq_len=MAX_SEQ_LEN, beam_width=3, beam_length=4)
     from redrafter.runtime.session import _policy
 
-    policy = _policy("adaptive", 3, 4)
-    assert policy.candidates == ((1, 1), (1, 2), (1, 4), (3, 4))
+    assert _policy("adaptive", 3, 4).candidates == ((1, 1), (1, 2), (1, 4), (3, 4))
+    policy = MeasuredBeamPolicy(((1, 1), (1, 2), (1, 4), (3, 4)), margin=1.0, prune=False)  # every shape runs
     with Session(dec, beam_policy=policy) as s:
         outs = s.generate(prompts, SamplingParams(max_new_tokens=30))
         shapes = s.metrics()["beam_shapes"]
