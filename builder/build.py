@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
-                     engine_config, file_checksums, read_config)
+                     engine_config, file_checksums, load_base_weights, read_config)
 
 
 @dataclass
@@ -169,6 +169,7 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
                            forward_examples, step_examples)
 
     capacity = opts.max_seq_len + opts.beam_width * opts.beam_length
+    dev = model.embed.weight.device
     programs = {}
     if opts.backend == "aoti":
         from .export_aoti import compile_aoti, verify_forward
@@ -176,8 +177,11 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
         args, shapes = forward_examples(model, opts.max_batch_size, capacity)
         forward = tmp / PROGRAMS_DIR / "forward.pt2"
         stages.run("compile forward (AOTInductor)", lambda: compile_aoti(BaseForward(model), args, shapes, forward))
-        stages.run("verify forward against eager",
-                   lambda: verify_forward(forward, model, opts.max_batch_size, capacity))
+        # Against the model as the runtime will load it from the engine's files: the program's
+        # constants are bound from those tensors, so a dtype or layout drift shows here.
+        stages.run("verify forward against eager", lambda: verify_forward(
+            forward, load_base_weights(tmp, model.cfg, opts.quantize, opts.torch_dtype, dev),
+            opts.max_batch_size, capacity))
         programs["forward"] = f"{PROGRAMS_DIR}/forward.pt2"
         if head is not None:
             dargs, dshapes = draft_examples(model, opts.max_batch_size)
@@ -246,9 +250,11 @@ def plugin_versions(opts: EngineOptions, programs: dict[str, str]) -> dict[str, 
     """The redrafter:: custom ops present at build time and which compiled programs call them
     (the engine needs those ops registered, i.e. redrafter.plugins, to run)."""
     used: dict[str, list[str]] = {}
-    if "step" in programs:  # ONNX: always BeamDraft nodes (a TensorRT plugin drafts)
-        drafting = opts.plugin_ops or opts.backend != "aoti"
-        used["step"] = ["beam_draft"] * drafting + ["pack_beams", "packed_attention", "kv_commit"]
+    if "step" in programs:  # ONNX: always all four nodes (TensorRT plugins would run them)
+        if opts.plugin_ops or opts.backend != "aoti":
+            used["step"] = ["beam_draft", "pack_beams", "packed_attention", "kv_commit"]
+        else:
+            used["step"] = ["pack_beams", "kv_commit"]
     if opts.backend == "aoti" and "draft" in programs and opts.plugin_ops:
         used["draft"] = ["beam_draft"]
     try:

@@ -4,9 +4,9 @@
 
 Engines and modes take turns prompt by prompt (after one warm-up generation each), so load
 drift on a shared machine spreads over all of them. Prints a markdown table; checks that each
-engine's ReDrafter output equals its own plain greedy output. Engines with a fused step
-program also run "redrafter-unfused" (draft and forward programs, host pack/accept/commit),
-which measures what the fusion buys.
+engine's ReDrafter output equals its own plain greedy output. Engines with a step program
+also run "redrafter-fused" (the step program) and "redrafter-unfused" (draft and forward
+programs, host pack/accept/commit); "redrafter" is the engine's default.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--questions", type=int, default=5, help="first MT-Bench first turns")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--llamacpp", metavar="GGUF", help="also run llama.cpp on this GGUF ('default': SmolLM2's) "
+                   "in the same rotation")
     p.add_argument("--json", dest="json_out", help="write the figures here")
     args = p.parse_args(argv)
     import torch
@@ -39,21 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.engines:
         e = load_engine(path)
         prompts = [e.encode_chat(t) for t in texts]
-        modes = [("plain", False)] + ([("redrafter", True)] if e.drafter is not None else [])
-        if e.programs().step is not None:  # the same steps with the host doing pack/accept/commit
-            modes.append(("redrafter-unfused", True))
-        for mode, spec in modes:
+        modes = [("plain", False, None)] + ([("redrafter", True, None)] if e.drafter is not None else [])
+        if e.programs().step is not None:  # the engine's step program vs draft + forward programs
+            modes += [("redrafter-fused", True, True), ("redrafter-unfused", True, False)]
+        for mode, spec, fused in modes:
             label = f"{path.name} {mode}"
-            d = e.decoder(speculative=spec)
-            if mode == "redrafter-unfused":
-                d.fused_step = None
+            d = e.decoder(speculative=spec, fused_step=fused)
             generate(d, [prompts[0]], 16, e.eos_ids)  # warm-up
             systems.append((label, d, e.eos_ids, prompts))
+    if args.llamacpp:
+        systems.append(("llama.cpp", _llamacpp(args.llamacpp, systems, args.max_new_tokens), e.eos_ids, prompts))
     runs: dict[str, list] = {s[0]: [] for s in systems}
     for i in range(len(texts)):
         for label, d, eos, prompts in systems:
             t = time.perf_counter()
-            g = generate(d, [prompts[i]], args.max_new_tokens, eos)[0]
+            g = d(prompts[i], args.max_new_tokens) if callable(d) else generate(d, [prompts[i]], args.max_new_tokens, eos)[0]
             runs[label].append((g, time.perf_counter() - t))
     rows, ok = [], True
     for label, _, _, _ in systems:
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                      "tokens_per_step": round((tokens - len(gens)) / max(steps, 1), 3),
                      "ttft_ms": round(statistics.median(g.prefill_s for g, _ in gens) * 1e3, 1)})
         plain = f"{label.rsplit(' ', 1)[0]} plain"
-        if label.endswith(("redrafter", "redrafter-unfused")):
+        if " redrafter" in label:
             same = [g.token_ids for g, _ in gens] == [g.token_ids for g, _ in runs[plain]]
             rows[-1]["equals_plain"] = same
             ok &= same
@@ -82,6 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         print("MISMATCH: ReDrafter output differs from plain greedy on the same engine", file=sys.stderr)
     return 0 if ok else 1
+
+
+def _llamacpp(gguf: str, systems: list, max_new_tokens: int):
+    """llama.cpp as a callable (prompt ids, n) -> Generation, on the engines' token ids, with
+    torch's thread count."""
+    import torch
+
+    from redrafter.bench.systems import LlamaCppSystem
+    from redrafter.runtime.decoding import Generation
+    from redrafter.runtime.loading import default_gguf
+
+    path = default_gguf() if gguf == "default" else Path(gguf)
+    longest = max(len(p) for s in systems for p in s[3])
+    llm = LlamaCppSystem(path, longest + max_new_tokens + 8, torch.get_num_threads(), systems[0][2], 0.0)
+
+    def run(prompt: list[int], n: int) -> Generation:
+        r = llm([prompt], n, [0])
+        return Generation(r.outputs[0], len(r.outputs[0]) - 1, r.first_token_s[0], r.seconds)
+
+    run(systems[0][3][0], 16)  # warm-up
+    return run
 
 
 if __name__ == "__main__":

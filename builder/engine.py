@@ -148,7 +148,11 @@ def load_base_weights(path: Path, cfg: LlamaConfig, quantize: str, dtype: torch.
         model = Llama(cfg)
         if quantize == "int8":
             empty_int8(model)
-    state = load_file(str(path / BASE_WEIGHTS), device=str(device))
+    # safetensors places tensors at arbitrary byte offsets; torch's int8 weight-only matmul
+    # (AVX-512 kernels) reads its weight with aligned loads and crashed on such a tensor, so
+    # unaligned CPU tensors are copied into fresh (64-byte aligned) memory.
+    state = {k: v.clone() if v.device.type == "cpu" and v.data_ptr() % 64 else v
+             for k, v in load_file(str(path / BASE_WEIGHTS), device=str(device)).items()}
     tied = cfg.tie_word_embeddings
     expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
     if set(state) != expected:
@@ -199,10 +203,16 @@ class Engine:
             self._programs = _load_programs(self)
         return self._programs
 
-    def decoder(self, max_batch_size: int | None = None, speculative: bool = True) -> Decoder:
+    def decoder(self, max_batch_size: int | None = None, speculative: bool = True,
+                fused_step: bool | None = None) -> Decoder:
         """A Decoder over this engine. Compiled programs take the cache of the built batch
         size, so a compiled engine's decoder always has max_batch_size slots.
-        speculative=False gives plain greedy decoding of the same engine (the baseline)."""
+        speculative=False gives plain greedy decoding of the same engine (the baseline).
+        fused_step: run greedy steps as the step program (where the engine has one). None:
+        on CUDA only. On this project's CPU it is no faster than the draft program + host
+        packing + the forward program (BENCHMARKS.md): the host work it removes is ~2 ms of a
+        65 ms step, and it attends over the whole cache. On a GPU it removes the host round
+        trips of every step (not measured: no GPU was available)."""
         o = self.options
         n = max_batch_size or o.max_batch_size
         if n > o.max_batch_size:
@@ -218,8 +228,14 @@ class Engine:
         if not speculative:
             return Decoder(model, None, max_batch=n, max_seq_len=o.max_seq_len, beam_width=o.beam_width,
                            beam_length=o.beam_length)
+        if fused_step is None:
+            fused_step = self.model.embed.weight.device.type == "cuda"
+        if fused_step and programs.step is None:
+            raise ValueError(f"this {o.backend} engine has no step program (aoti and onnx engines with a "
+                             "drafter have one): rebuild it, or use fused_step=False")
         return Decoder(model, self.drafter, max_batch=n, max_seq_len=o.max_seq_len, beam_width=o.beam_width,
-                       beam_length=o.beam_length, draft=programs.draft, fused_step=programs.step)
+                       beam_length=o.beam_length, draft=programs.draft,
+                       fused_step=programs.step if fused_step else None)
 
 
 @dataclass

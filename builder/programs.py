@@ -116,9 +116,17 @@ class SpeculativeStep(nn.Module):
         if self.functional:
             k, v = k.clone(), v.clone()
         beams = self.draft(context, first_token)  # [B, W, L]
-        tokens, depth, unpacker, tree, _ = torch.ops.redrafter.pack_beams(beams)  # T = W * L
+        tokens, depth, unpacker, tree, _ = torch.ops.redrafter.pack_beams(beams)  # [B, W * L], ...
+        # Every beam starts with the guaranteed token, so a tree holds at most 1 + W * (L - 1)
+        # tokens: verify only those (what lies past a row's n_tokens is padding).
+        t = 1 + beams.shape[1] * (beams.shape[2] - 1)
+        tokens, depth, tree = tokens[:, :t], depth[:, :t], tree[:, :t, :t]
+        # plugin_ops: attention through redrafter::packed_attention (a Triton kernel on CUDA).
+        # Otherwise the compiler fuses attention over the whole cache (static span: the
+        # capacity), which on CPU beats an op boundary per layer.
+        mask = TreeMask(starts, tree) if self.draft.plugin_ops else attention_mask(starts, tree, k.shape[2])
         hidden = self.model.forward_masked(tokens, starts[:, None] + depth, cache_view(k, v), slots, starts,
-                                           TreeMask(starts, tree))  # [B, T, H]
+                                           mask)  # [B, T, H]
         out = greedy_verify(beams, unpacker, self.model.logits(hidden).argmax(-1))
         torch.ops.redrafter.kv_commit(k, v, slots, starts, out.path)
         rows = torch.arange(beams.shape[0], device=beams.device)

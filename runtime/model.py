@@ -278,6 +278,15 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
+    def _apply(self, fn, recurse: bool = True):
+        """.to(dtype) and friends leave the RoPE frequencies in float32 (as transformers does):
+        bfloat16 would round them and shift every position's angle, and a compiled program
+        must see the same constant whether the model was converted or loaded."""
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
+
     def new_cache(self, slots: int, capacity: int) -> KVCache:
         p = self.embed.weight
         return KVCache(self.cfg, slots, capacity, p.dtype, p.device)

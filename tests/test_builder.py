@@ -28,22 +28,23 @@ def build(tiny_hf_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     built: dict[tuple[str, str], Path] = {}
 
-    def get(backend: str, quantize: str = "none", plugin_ops: bool = False) -> Path:
-        key = (backend, quantize, plugin_ops)
+    def get(backend: str, quantize: str = "none", plugin_ops: bool = False, dtype: str = "float32") -> Path:
+        key = (backend, quantize, plugin_ops, dtype)
         if key not in built:
             built[key] = build_engine(BuildOptions(
-                output=root / f"{backend}-{quantize}-{plugin_ops}", base=base, drafter=drafter, backend=backend,
-                quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
-                plugin_ops=plugin_ops, progress=False))
+                output=root / f"{backend}-{quantize}-{plugin_ops}-{dtype}", base=base, drafter=drafter,
+                backend=backend, quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2,
+                max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, progress=False))
         return built[key]
 
     return get
 
 
-def greedy(engine_dir: Path, speculative: bool = True, n: int = 24) -> list[list[int]]:
+def greedy(engine_dir: Path, speculative: bool = True, n: int = 24, fused_step: bool | None = None) -> list[list[int]]:
     e = load_engine(engine_dir)
     prompts = [e.encode_chat(p) for p in PROMPTS]
-    return [g.token_ids for g in generate(e.decoder(speculative=speculative), prompts, n, e.eos_ids)]
+    decoder = e.decoder(speculative=speculative, fused_step=fused_step)
+    return [g.token_ids for g in generate(decoder, prompts, n, e.eos_ids)]
 
 
 def test_engine_directory_is_complete_and_checksummed(build):
@@ -89,38 +90,50 @@ def test_eager_aoti_onnx_agree_and_equal_plain_greedy(build):
 
 def test_aoti_draft_program_can_call_the_beam_draft_plugin_op(build, monkeypatch):
     """With plugin_ops the compiled draft and step programs draft with one redrafter::beam_draft
-    node, which AOTInductor runs through the registered op (its CPU implementation here)."""
+    node and the step program attends with redrafter::packed_attention, which AOTInductor runs
+    through the registered ops (their CPU implementations here)."""
     engine_dir = build("aoti", plugin_ops=True)
     cfg = json.loads((engine_dir / "config.json").read_text())
     assert cfg["build"]["plugin_ops"] is True
     assert cfg["plugins"]["used_in_programs"] == {
         "step": ["beam_draft", "pack_beams", "packed_attention", "kv_commit"], "draft": ["beam_draft"]}
     from redrafter.plugins import ops
+    from redrafter.runtime.model import attend
 
     calls = []
     reference = ops._beam_search
     monkeypatch.setattr(ops, "_beam_search", lambda *a, **k: calls.append(1) or reference(*a, **k))
     assert greedy(engine_dir) == greedy(build("eager"))
+    assert calls, "the draft program did not call redrafter::beam_draft"
+    calls.clear()
+    attention = []
+    monkeypatch.setattr(ops, "attend", lambda *a, **k: attention.append(1) or attend(*a, **k))
+    assert greedy(engine_dir, fused_step=True) == greedy(build("eager"))
     assert calls, "the step program did not call redrafter::beam_draft"
+    assert attention, "the step program did not call redrafter::packed_attention"
     with pytest.raises(ValueError, match="need the aoti backend"):
         BuildOptions(output="x", backend="onnx", plugin_ops=True).validate()
 
 
 def test_aoti_greedy_steps_run_as_one_compiled_program(build):
-    """The aoti engine's greedy steps are one call of the step program (draft -> pack -> verify
-    -> accept -> commit, with the plugin ops inside) and decode exactly as eager."""
+    """With fused_step the aoti engine's greedy steps are one call of the step program (draft ->
+    pack -> verify -> accept -> commit, with the plugin ops inside) and decode exactly as eager."""
     path = build("aoti")
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["programs"]["step"] == "programs/step.pt2"
-    assert cfg["plugins"]["used_in_programs"] == {"step": ["pack_beams", "packed_attention", "kv_commit"]}
+    assert cfg["plugins"]["used_in_programs"] == {"step": ["pack_beams", "kv_commit"]}
     e = load_engine(path)
     programs = e.programs()
     calls, step = [], programs.step
     programs.step = lambda *a: calls.append(a[0].shape[0]) or step(*a)
     prompts = [e.encode_chat(p) for p in PROMPTS]
-    out = generate(e.decoder(), prompts, 24, e.eos_ids)
+    assert [g.token_ids for g in generate(e.decoder(), prompts, 24, e.eos_ids)] == greedy(build("eager"))
+    assert not calls  # a CPU engine's default: draft + forward programs (no faster fused on CPU)
+    out = generate(e.decoder(fused_step=True), prompts, 24, e.eos_ids)
     assert [g.token_ids for g in out] == greedy(build("eager"))
     assert len(calls) == max(g.steps for g in out) and calls[0] == 2
+    with pytest.raises(ValueError, match="no step program"):
+        load_engine(build("eager")).decoder(fused_step=True)
 
 
 def test_onnx_step_program_holds_the_plugin_nodes_and_decodes_like_eager(build):
@@ -146,7 +159,8 @@ def test_onnx_step_program_holds_the_plugin_nodes_and_decodes_like_eager(build):
     calls, step = [], programs.step
     programs.step = lambda *a: calls.append(1) or step(*a)
     prompts = [e.encode_chat(p) for p in PROMPTS]
-    assert [g.token_ids for g in generate(e.decoder(), prompts, 24, e.eos_ids)] == greedy(build("eager"))
+    assert [g.token_ids for g in generate(e.decoder(fused_step=True), prompts, 24, e.eos_ids)] == \
+        greedy(build("eager"))
     assert calls
 
 
@@ -188,6 +202,24 @@ def test_int8_engine_is_lossless_wrt_its_own_plain_decoding(build):
     # The eager reference of the same int8 weights agrees with the compiled programs.
     e = load_engine(path)
     assert isinstance(e.model.layers[0].mlp.up, Int8Linear)
+
+
+def test_bf16_int8_aoti_engine_computes_what_its_eager_model_computes(build):
+    """The programs bind the tensors the engine loads. Regression: the RoPE frequencies were
+    bfloat16 in the converted model the programs were compiled from and float32 once loaded,
+    and the compiled forward returned NaN."""
+    from redrafter.runtime.model import causal_mask
+
+    e = load_engine(build("aoti", "int8", dtype="bfloat16"))
+    assert e.model.inv_freq.dtype == torch.float32
+    compiled, eager = e.decoder(), Decoder(e.model, e.drafter, max_batch=1, max_seq_len=MAX_SEQ_LEN)
+    ids = torch.tensor([e.encode_chat(PROMPTS[1])])
+    positions, zero = torch.arange(ids.shape[1])[None], torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        got, ref = (d.model(ids, positions, d.cache, zero, zero, causal_mask(1, ids.shape[1])).float()
+                    for d in (compiled, eager))
+    assert torch.isfinite(got).all()
+    assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
 def test_int8_quantization_is_per_channel_symmetric():

@@ -125,3 +125,11 @@ def test_rows_linear_exports_with_a_dynamic_row_count():
                                   strict=False)
     x = torch.randn(3, 16)
     assert torch.allclose(program.module()(x), m.lin(x), atol=1e-6)
+
+
+def test_rope_frequencies_stay_float32_in_a_converted_model():
+    """bfloat16 RoPE frequencies would shift every position's angle (and a compiled program
+    must see the same constant in a converted and in a loaded model)."""
+    model = tiny_llama().to(torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_inv_freq(model.cfg))
