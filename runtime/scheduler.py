@@ -95,6 +95,7 @@ class _ShapeStats:
     seconds: float = 0.0  # ...and over the timed ones
     second_weight: float = 0.0
     last: int = -1  # index of its last step among the steps at this batch size
+    lost: tuple[tuple[int, int], float] | None = None  # (incumbent, its rate) when it last lost to one
 
     @property
     def rate(self) -> float:
@@ -127,27 +128,36 @@ class MeasuredBeamPolicy:
     steps for 1.6x the tokens):
     - Candidates are warmed up in order of tree size W*L (plain first: the cheap baseline),
       each for `warmup` steps (the first one untimed).
+    - The best shape is an *incumbent*, compared with each other shape within one period: a
+      shape takes its place if faster on its own step; one that lost then is judged against
+      the incumbent's rate at that step until it is measured again. The incumbent's estimate
+      is refreshed every step and dips in a noisy or loaded stretch while the others' are old:
+      no evidence for a shape that lost (plain at batch 8 used to hand its place to a 4x2 at
+      0.8x, un-pruning 4x5). A shape that did not lose to the incumbent (e.g. the one it
+      replaced after a possibly lucky warm-up) takes over on the incumbent's step if faster
+      now; the incumbent has then lost to it. Cost: a shape that lost waits for its
+      re-measurement even if the incumbent truly slows down.
     - A shape's rate is *known* once it has a timed step and its tokens were counted over
       `min_rows` rows (batch x steps, its first step included). Tokens per row vary from 1
       to L (relative spread 0.3-0.6 for the trees here), so 16 rows put the standard error
       of its mean at 8-14%; a row or two decides nothing. At batch 16 a shape is known
       after two steps; at batch 1-2 not within its warm-up, so there every shape is warmed
       up, which is cheap at small batches.
-    - A known shape below (1 - margin) * the best rate at that batch size is *eliminated*:
-      it is not warmed up further. The margin covers what is left of the noise (and ~10%
-      timing jitter on a quiet machine); a wrong elimination costs at most `explore_every`
-      steps, since the next re-exploration re-measures the shape.
+    - A known shape below (1 - margin) * the incumbent's rate (as judged above) is
+      *eliminated*: it is not warmed up further. The margin covers what is left of the noise
+      (and ~10% timing jitter on a quiet machine); a wrong elimination costs at most
+      `explore_every` steps, since the next re-exploration re-measures the shape.
     - With `prune`, a shape is not tried while it contains (W and L no smaller) a known
-      shape X that contains the best shape and is slower than it. Why: tokens per step grow
+      shape X that contains the incumbent and lost to it. Why: tokens per step grow
       concavely with the tree (acceptance falls with depth and with each extra beam) while a
       step's cost grows convexly (flat while the forward is bound by reading weights, then
       linear), so the rate along a chain of growing trees rises, then falls; growing the
-      best shape to X already lost, so every tree beyond X loses more. Where that fails (a
+      incumbent to X already lost, so every tree beyond X loses more. Where that fails (a
       GEMM size the machine handles badly), the shapes beyond X are reached again through X.
-    - After warm-up it takes the best shape, and every `explore_every` steps re-measures the
+    - After warm-up it takes the incumbent, and every `explore_every` steps re-measures the
       least recently measured other shape that is not pruned, so a shape comes back when
       load or acceptance change: an eliminated shape whose rate is again within the margin
-      is warmed up again, and once X is the best, the shapes pruned behind it are tried.
+      is warmed up again, and once X is the incumbent, the shapes pruned behind it are tried.
     margin=1 and prune=False warm up every candidate. Outputs do not depend on the shape
     (greedy is lossless; sampled tokens use the n-th uniform of their request), so only
     speed is at stake.
@@ -173,15 +183,25 @@ class MeasuredBeamPolicy:
         self.min_rows, self.prune = min_rows, prune
         self._stats: dict[tuple[int, tuple[int, int]], _ShapeStats] = {}
         self._steps: dict[int, int] = {}  # steps taken per batch size
+        self._best: dict[int, tuple[int, int]] = {}  # the incumbent per batch size, once a step was timed
+
+    def _judged(self, batch: int, best: tuple[int, int]
+                ) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]]:
+        """Rates of the timed shapes, and the incumbent rate each is judged against: the one it lost to,
+        if it last lost to this incumbent (a comparison within one period), else the incumbent's rate now."""
+        stats = {s: st for s in self.candidates if (st := self._stats.get((batch, s))) and st.timed}
+        rates = {s: st.rate for s, st in stats.items()}
+        bars = {s: st.lost[1] if st.lost and st.lost[0] == best else rates[best] for s, st in stats.items()}
+        return rates, bars
 
     def __call__(self, batch: int) -> tuple[int, int]:
         stats = {s: self._stats.get((batch, s), _ShapeStats()) for s in self.candidates}
-        rates = {s: st.rate for s, st in stats.items() if st.timed}
-        best = max(rates, key=rates.__getitem__) if rates else self.candidates[0]
+        best = self._best.get(batch, self.candidates[0])
+        rates, bars = self._judged(batch, best)
         known = {s: r for s, r in rates.items() if stats[s].steps * batch >= self.min_rows}
-        eliminated = {s for s, r in known.items() if r < (1 - self.margin) * rates[best]}
+        eliminated = {s for s, r in known.items() if r < (1 - self.margin) * bars[s]}
         pruned = {s for s in self.candidates if self.prune and any(
-            r < rates[best] and x != s and _within(best, x) and _within(x, s) for x, r in known.items())}
+            r < bars[x] and x != s and _within(best, x) and _within(x, s) for x, r in known.items())}
         for shape in self.candidates:
             if shape not in eliminated and shape not in pruned and stats[shape].steps < self.warmup:
                 return shape
@@ -202,6 +222,23 @@ class MeasuredBeamPolicy:
         st.steps += 1
         st.last = self._steps.get(batch, 0)
         self._steps[batch] = st.last + 1
+        best = self._best.get(batch, shape)  # the first timed shape is the first incumbent
+        if not self._stats[(batch, best)].timed:
+            return
+        rates, bars = self._judged(batch, best)
+        st.lost = None
+        if shape != best:  # a challenger's step: it takes over, or lost to the incumbent as measured now
+            if shape in rates and rates[shape] > rates[best]:
+                self._best[batch] = shape
+            else:
+                st.lost = (best, rates[best])
+            return
+        # The incumbent's step: a stale shape that did not lose to it takes over if it is now faster;
+        # the incumbent then lost to it.
+        self._best[batch] = new = max((s for s in rates if s == best or rates[s] > bars[s]),
+                                      key=lambda s: (rates[s], s == best))
+        if new != best:
+            st.lost = (new, rates[new])
 
     @property
     def largest_shape(self) -> tuple[int, int]:
