@@ -69,8 +69,12 @@ def run_engine(path: Path, prompt: list[int], new_tokens: int, device: str) -> d
     engine = load_engine(path)
     load_s = time.perf_counter() - t
     out = {"engine": path.name, "load_s": round(load_s, 2)}
-    for mode, spec in (("redrafter", True), ("plain", False)):
-        decoder = engine.decoder(speculative=spec)
+    modes = [("redrafter", True, None), ("plain", False, None)]
+    if engine.programs().step is not None:  # the other side of the engine's fused-step default
+        modes.append(("redrafter-fused" if engine.model.embed.weight.device.type != "cuda" else
+                      "redrafter-unfused", True, engine.model.embed.weight.device.type != "cuda"))
+    for mode, spec, fused in modes:
+        decoder = engine.decoder(speculative=spec, fused_step=fused)
         generate(decoder, [prompt], 8, ())  # warm-up (first calls allocate / autotune)
         _sync(device)
         t = time.perf_counter()
@@ -82,6 +86,11 @@ def run_engine(path: Path, prompt: list[int], new_tokens: int, device: str) -> d
                      "ms_per_step": round((seconds - g.prefill_s) / max(g.steps, 1) * 1e3, 2),
                      "tokens_per_step": round(g.tokens_per_step, 3)}
     return out
+
+
+def _modes(result: dict) -> list[str]:
+    """The ReDrafter modes run_engine measured (each with its tokens)."""
+    return [m for m in result if m.startswith("redrafter") and isinstance(result[m], dict)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 beam_length=args.beam_length, max_batch_size=1, max_seq_len=args.prompt_len + args.new_tokens + 16,
                 plugin_ops=plugin_ops, progress=False))
             r = run_engine(path, prompt, args.new_tokens, args.device) | {"build_s": round(time.perf_counter() - t, 1)}
-            r["redrafter_equals_plain"] = r["redrafter"]["tokens"] == r["plain"]["tokens"]
+            r["redrafter_equals_plain"] = all(r[m]["tokens"] == r["plain"]["tokens"] for m in _modes(r))
             ok &= r["redrafter_equals_plain"]
             results.append(r)
         ref = next((r for r in results if r["engine"] == "eager-none"), None)
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["equals_eager"] = r["plain"]["tokens"] == ref["plain"]["tokens"]
                 ok &= r["equals_eager"]
         for r in results:
-            for mode in ("redrafter", "plain"):
+            for mode in _modes(r) + ["plain"]:
                 r[mode].pop("tokens")
             print(json.dumps(r), flush=True)
     if args.out:
