@@ -2,6 +2,7 @@
 it back with the engine's own tensors as its constants."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -12,30 +13,52 @@ from torch import nn
 INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
 
 
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    return tensors
+
+
+def _spec(path: Path) -> Path:
+    """Beside each package: the dtype and shape of every tensor it was compiled against."""
+    return path.with_suffix(".constants.json")
+
+
 def compile_aoti(module: nn.Module, args: tuple, dynamic_shapes, path: Path) -> Path:
-    """Export `module` at `args` (with `dynamic_shapes`) and write the AOTInductor package."""
+    """Export `module` at `args` (with `dynamic_shapes`) and write the AOTInductor package,
+    plus the dtype/shape of every tensor of `module` (the package holds no weights, and binds
+    whatever it is given: a tensor of another dtype or shape would be read as garbage)."""
     import torch._inductor
 
     with torch.no_grad():
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
         out = torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                                       inductor_configs=INDUCTOR_CONFIGS)
+    spec = {n: [str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in _tensors(module).items()}
+    _spec(path).write_text(json.dumps(spec))
     return Path(out)
 
 
 def load_aoti(path: Path, module: nn.Module):
     """Load a package and bind the constants it needs to `module`'s parameters and buffers
-    (the same module structure it was exported from, holding the engine's weights)."""
+    (the same module structure it was exported from, holding the engine's weights), after
+    checking each against the dtype and shape the package was compiled for."""
     import torch._inductor
 
     program = torch._inductor.aoti_load_package(str(path))
-    tensors = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(module.named_buffers(remove_duplicate=False))
+    tensors = _tensors(module)
     needed = program.get_constant_fqns()
     missing = [n for n in needed if n not in tensors]
     if missing:
         raise ValueError(f"program {path.name} needs tensors the engine does not hold ({missing[:3]}): "
                          "the engine was built by another redrafter version, rebuild it")
+    spec = json.loads(_spec(path).read_text()) if _spec(path).is_file() else {}
+    for n in needed:
+        got = [str(tensors[n].dtype).removeprefix("torch."), list(tensors[n].shape)]
+        if n in spec and spec[n] != got:
+            raise ValueError(f"program {path.name} was compiled for {n} as {spec[n][0]} {spec[n][1]} but the "
+                             f"engine's model holds {got[0]} {got[1]}: the engine was built by another "
+                             "redrafter version, rebuild it")
     program.load_constants({n: tensors[n] for n in needed}, check_full_update=True, user_managed=True)
     return program
 

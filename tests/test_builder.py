@@ -181,6 +181,16 @@ def test_aoti_engine_samples_through_its_draft_and_forward_programs(build):
     assert outs["aoti"] != greedy(build("eager"), n=16)
 
 
+def test_a_program_refuses_tensors_unlike_those_it_was_compiled_for(build):
+    """A package binds whatever tensors it is given; a dtype or shape drift (another
+    redrafter version's model code) must fail clearly instead of computing garbage."""
+    e = load_engine(build("aoti"))
+    e.model.norm.weight = torch.nn.Parameter(e.model.norm.weight.double(), requires_grad=False)
+    with pytest.raises(ValueError, match=r"compiled for model.norm.weight as float32 \[64\] but the engine's "
+                                         r"model holds float64 \[64\].*rebuild it"):
+        e.programs()
+
+
 def test_session_opens_an_engine(build):
     from redrafter.runtime.session import SamplingParams, Session
 
