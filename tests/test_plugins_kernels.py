@@ -234,3 +234,18 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
     for kernel in ("linear (RNN step) bf16", "packed_attention fp16", "kv_commit fp32", "logsoftmax_topk K_PAD=64",
                    "pack_beams W<=64 L<=8"):
         assert any(kernel in line for line in lines), kernel
+
+
+def test_fused_step_program_with_triton_kernels_is_lossless(kernels_on_cpu):
+    """The engine's step program as a CUDA engine runs it with --plugin-ops (every op a Triton
+    kernel; compiled there, eager here) decodes exactly like plain decoding."""
+    from redrafter.builder.programs import SpeculativeStep
+
+    model = tiny_llama()
+    head = tiny_drafter(model)
+    plain = generate(Decoder(model, None, max_batch=2, max_seq_len=48), PROMPTS, 8)
+    step, calls = SpeculativeStep(model, head, 2, 3, plugin_ops=True), []
+    dec = Decoder(model, head, max_batch=2, max_seq_len=48, beam_width=2, beam_length=3,
+                  fused_step=lambda *a: calls.append(1) or step(*a))
+    assert [g.token_ids for g in generate(dec, PROMPTS, 8)] == [g.token_ids for g in plain]
+    assert calls
