@@ -225,17 +225,15 @@ class Engine:
 
             n = o.max_batch_size
             model = CompiledBase(self.model, programs.forward, (n, o.max_seq_len + o.beam_width * o.beam_length))
-        if not speculative:
-            return Decoder(model, None, max_batch=n, max_seq_len=o.max_seq_len, beam_width=o.beam_width,
-                           beam_length=o.beam_length)
         if fused_step is None:
-            fused_step = self.model.embed.weight.device.type == "cuda"
+            fused_step = speculative and self.model.embed.weight.device.type == "cuda"
         if fused_step and programs.step is None:
             raise ValueError(f"this {o.backend} engine has no step program (aoti and onnx engines with a "
                              "drafter have one): rebuild it, or use fused_step=False")
-        return Decoder(model, self.drafter, max_batch=n, max_seq_len=o.max_seq_len, beam_width=o.beam_width,
-                       beam_length=o.beam_length, draft=programs.draft,
-                       fused_step=programs.step if fused_step else None)
+        return Decoder(model, self.drafter if speculative else None, max_batch=n, max_seq_len=o.max_seq_len,
+                       beam_width=o.beam_width, beam_length=o.beam_length,
+                       draft=programs.draft if speculative else None,
+                       fused_step=programs.step if speculative and fused_step else None)
 
 
 @dataclass

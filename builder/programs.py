@@ -6,11 +6,11 @@
   cache positions [0, S) (S = longest committed length + T). B, T and S are dynamic dimensions.
 - draft: beam drafting with the recurrent head, context [B, H] + guaranteed token [B] ->
   beams [B, W, L] (W and L fixed at build time).
-- step (aoti): a whole greedy ReDrafter step, draft -> pack -> verify -> accept -> commit, in
-  one program. Packing has a data-dependent length, so the step packs into the fixed W*L
-  tokens of redrafter::pack_beams (padding sees only itself) and attends through
-  redrafter::packed_attention, which finds each row's context length itself; every shape in the
-  program is then static but the batch.
+- step: a whole greedy ReDrafter step, draft -> pack -> verify -> accept -> commit, in one
+  program. Packing has a data-dependent length, so the step packs with redrafter::pack_beams
+  into a fixed 1 + W*(L-1) tokens (padding sees only itself) and commits with
+  redrafter::kv_commit; attention runs over the whole cache under a mask built in the program,
+  or (plugin_ops) through redrafter::packed_attention. Every shape is static but the batch.
 
 `CompiledBase` wraps a forward program so that it quacks like `runtime.model.Llama` for the
 `Decoder`; the draft and step programs plug into `Decoder(draft=..., fused_step=...)`.

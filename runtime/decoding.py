@@ -182,15 +182,18 @@ class Decoder:
         out = greedy_verify(beams, packed.unpacker, m.logits(hidden).argmax(-1))
         self._commit(slots, starts, out.path)
         rows = torch.arange(slots.shape[0], device=self.device)
-        self.lengths[slots] = starts + out.counts
-        self.next_token[slots] = out.tokens[rows, out.counts - 1]
-        self.hidden[slots] = hidden[rows, out.last]
-        return StepOutput(out.tokens, out.counts)
+        return self._advance(slots, starts, out.tokens, out.counts, hidden[rows, out.last])
 
     def _fused_step(self, slots: Tensor, starts: Tensor) -> StepOutput:
         """A greedy step in one compiled program (draft -> pack -> verify -> accept -> commit)."""
         tokens, counts, hidden = self.fused_step(self.hidden[slots], self.next_token[slots], self.cache.k,
                                                  self.cache.v, slots, starts)
+        return self._advance(slots, starts, tokens, counts, hidden)
+
+    def _advance(self, slots: Tensor, starts: Tensor, tokens: Tensor, counts: Tensor,
+                 hidden: Tensor) -> StepOutput:
+        """After a step's commit: each slot's length grows by the tokens it emitted, the last
+        one becomes its next (guaranteed) token, hidden [B, H] its context for drafting."""
         rows = torch.arange(slots.shape[0], device=self.device)
         self.lengths[slots] = starts + counts
         self.next_token[slots] = tokens[rows, counts - 1]
@@ -231,12 +234,8 @@ class Decoder:
         walk = tree_walk(packed, self.beam_length,
                          lambda node, d: self._pick(self.model.logits(hidden[rows, node]), sampling, d))
         self._commit(slots, starts, walk.path)
-        last = walk.path[rows, walk.counts - 1]
-        self.lengths[slots] = starts + walk.counts
-        self.next_token[slots] = walk.tokens[rows, walk.counts - 1]
-        self.hidden[slots] = hidden[rows, last]
         self._consume(slot_list, walk.counts.tolist())
-        return StepOutput(walk.tokens, walk.counts)
+        return self._advance(slots, starts, walk.tokens, walk.counts, hidden[rows, walk.path[rows, walk.counts - 1]])
 
 
 @dataclass
