@@ -226,7 +226,8 @@ class Engine:
             n = o.max_batch_size
             model = CompiledBase(self.model, programs.forward, (n, o.max_seq_len + o.beam_width * o.beam_length))
         if fused_step is None:
-            fused_step = speculative and self.model.embed.weight.device.type == "cuda"
+            fused_step = (speculative and programs.step is not None
+                          and self.model.embed.weight.device.type == "cuda")
         if fused_step and programs.step is None:
             raise ValueError(f"this {o.backend} engine has no step program (aoti and onnx engines with a "
                              "drafter have one): rebuild it, or use fused_step=False")

@@ -2,6 +2,7 @@
 it back with the engine's own tensors as its constants."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -24,13 +25,24 @@ def _spec(path: Path) -> Path:
     return path.with_suffix(".constants.json")
 
 
+def _attention_for_export(args: tuple):
+    """On CUDA, trace attention as its math form: the fused kernels' selection puts guards on
+    the strides of the dynamic span that export cannot prove (seen with torch 2.11 on an H100);
+    the compiler fuses the math form itself."""
+    if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
 def compile_aoti(module: nn.Module, args: tuple, dynamic_shapes, path: Path) -> Path:
     """Export `module` at `args` (with `dynamic_shapes`) and write the AOTInductor package,
     plus the dtype/shape of every tensor of `module` (the package holds no weights, and binds
     whatever it is given: a tensor of another dtype or shape would be read as garbage)."""
     import torch._inductor
 
-    with torch.no_grad():
+    with torch.no_grad(), _attention_for_export(args):
         program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
         out = torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                                       inductor_configs=INDUCTOR_CONFIGS)
@@ -66,7 +78,7 @@ def load_aoti(path: Path, module: nn.Module):
 def verify_forward(path: Path, model, max_batch: int, capacity: int, tokens: int = 8) -> None:
     """Run the compiled forward against the eager model on a random prompt; a build whose
     program disagrees (or returns non-finite values) fails here instead of shipping."""
-    from .programs import BaseForward
+    from .programs import BaseForward, static_span
     from redrafter.runtime.model import attention_mask, causal_mask
 
     program = load_aoti(path, BaseForward(model))
@@ -74,7 +86,7 @@ def verify_forward(path: Path, model, max_batch: int, capacity: int, tokens: int
     ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
     positions = torch.arange(tokens, device=dev)[None]
     slots, starts = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-    mask = attention_mask(starts, causal_mask(1, tokens, dev), tokens)
+    mask = attention_mask(starts, causal_mask(1, tokens, dev), static_span(dev, capacity) or tokens)
     caches = [model.new_cache(max_batch, capacity) for _ in range(2)]
     with torch.inference_mode():
         ref = model.forward_masked(ids, positions, caches[0], slots, starts, mask).float()

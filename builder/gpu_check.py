@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         backends = args.backends.split(",")
         plan = ([(b, "none", False) for b in backends] + ([("aoti", "none", True)] if "aoti" in backends else [])
                 + ([("aoti", "int8", False)] if args.int8 else []))
+        ref = None  # eager's plain tokens (the plan builds eager first)
         for backend, quant, plugin_ops in plan:  # plugin_ops: the draft program calls redrafter::beam_draft
             t = time.perf_counter()
             path = build_engine(BuildOptions(
@@ -129,16 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             r = run_engine(path, prompt, args.new_tokens, args.device) | {"build_s": round(time.perf_counter() - t, 1)}
             r["redrafter_equals_plain"] = all(r[m]["tokens"] == r["plain"]["tokens"] for m in _modes(r))
             ok &= r["redrafter_equals_plain"]
-            results.append(r)
-        ref = next((r for r in results if r["engine"] == "eager-none"), None)
-        for r in results:
-            if ref is not None and r["engine"].endswith("-none"):
-                r["equals_eager"] = r["plain"]["tokens"] == ref["plain"]["tokens"]
+            if r["engine"] == "eager-none":
+                ref = r["plain"]["tokens"]
+            elif ref is not None and r["engine"].endswith("-none"):
+                r["equals_eager"] = r["plain"]["tokens"] == ref
                 ok &= r["equals_eager"]
-        for r in results:
             for mode in _modes(r) + ["plain"]:
                 r[mode].pop("tokens")
-            print(json.dumps(r), flush=True)
+            print(json.dumps(r), flush=True)  # engine by engine: a run cut short keeps what it measured
+            results.append(r)
     if args.out:
         Path(args.out).write_text(json.dumps({"info": info, "results": results, "ok": ok}, indent=2))
     print("OK" if ok else "MISMATCH: a backend's tokens differ (see equals_eager / redrafter_equals_plain)")

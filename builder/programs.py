@@ -145,6 +145,14 @@ def new_rows(slots: Tensor, starts: Tensor, t: int) -> tuple[Tensor, Tensor]:
     return rows, starts[:, None] + torch.arange(t, device=slots.device)
 
 
+def static_span(device: torch.device, capacity: int) -> int | None:
+    """The key span a forward program attends over: on CUDA always capacity - 1 (the whole
+    cache, masked), since export cannot prove the stride guards that a dynamic span puts on
+    GPU attention (torch 2.11, H100); elsewhere None: the span follows the sequence, which the
+    CPU measured cheaper."""
+    return capacity - 1 if device.type == "cuda" else None
+
+
 def forward_examples(model: Llama, max_batch: int, capacity: int) -> tuple[tuple, dict]:
     """Example inputs (batch 2 where the engine allows, so the batch stays dynamic) and the
     dynamic shapes of the forward program."""
@@ -158,12 +166,13 @@ def forward_examples(model: Llama, max_batch: int, capacity: int) -> tuple[tuple
     positions = starts[:, None] + torch.arange(t, device=dev)
     slots = torch.arange(b, device=dev)
     tree = torch.ones(t, t, dtype=torch.bool, device=dev).tril()[None].expand(b, t, t)
-    mask = attention_mask(starts, tree, start + t)
+    static = static_span(dev, capacity)
+    mask = attention_mask(starts, tree, static or start + t)
     batch = Dim("batch", min=1, max=max_batch) if max_batch > 1 else None
     tokens_dim = Dim("tokens", min=1, max=capacity - 1)
     # One below the capacity: at S == capacity the slice of the cache is the whole cache, which
     # export would specialise; the decoder never needs it (S <= max_seq_len - 1 + W * L).
-    span = Dim("span", min=1, max=capacity - 1)
+    span = None if static else Dim("span", min=1, max=capacity - 1)
     bt = {0: batch, 1: tokens_dim} if batch else {1: tokens_dim}
     shapes = (bt, bt, None, None, {0: batch} if batch else None, {0: batch} if batch else None,
               {0: batch, 1: tokens_dim, 2: span} if batch else {1: tokens_dim, 2: span})
@@ -218,7 +227,7 @@ class CompiledBase(nn.Module):
         if cache.k.shape[1:3] != self.cache_shape:
             raise ValueError(f"the engine's programs take a cache of {self.cache_shape} (slots, positions), "
                              f"got {tuple(cache.k.shape[1:3])}: use Engine.decoder()")
-        mask = attention_mask(starts, tree_mask, span)
+        mask = attention_mask(starts, tree_mask, static_span(cache.k.device, cache.capacity) or span)
         # Compiled code assumes dense row-major inputs (callers pass expanded views).
         args = (tokens, positions, cache.k, cache.v, slots, starts, mask)
         return self.program(*(a.contiguous() for a in args))

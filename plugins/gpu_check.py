@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -239,19 +239,18 @@ def check_kv_commit(s: Shapes, device: torch.device, dtype: torch.dtype, reps: i
     return rows
 
 
-def run(device: torch.device, shapes: Shapes, reps: int) -> list[Row]:
-    rows: list[Row] = []
+def run(device: torch.device, shapes: Shapes, reps: int) -> Iterator[Row]:
+    """Every case, one check at a time (so a run cut short still reports the checks it finished)."""
     # fp32 on the smallest shapes (beams match up to near-ties), then fp16 at every shape, timed.
     small = Shapes(**(asdict(shapes) | {"batches": shapes.batches[:1], "widths": shapes.widths[:2],
                                         "lengths": shapes.lengths[-1:], "contexts": shapes.contexts[:1]}))
-    rows += check_beam_draft(small, device, torch.float32, 1)
-    rows += check_packed_attention(small, device, torch.float32, 1)
-    rows += check_kv_commit(small, device, torch.float32, 1)
-    rows += check_pack_beams(shapes, device, reps)
-    rows += check_beam_draft(shapes, device, torch.float16, reps)
-    rows += check_packed_attention(shapes, device, torch.float16, reps)
-    rows += check_kv_commit(shapes, device, torch.float16, reps)
-    return rows
+    yield from check_beam_draft(small, device, torch.float32, 1)
+    yield from check_packed_attention(small, device, torch.float32, 1)
+    yield from check_kv_commit(small, device, torch.float32, 1)
+    yield from check_pack_beams(shapes, device, reps)
+    yield from check_beam_draft(shapes, device, torch.float16, reps)
+    yield from check_packed_attention(shapes, device, torch.float16, reps)
+    yield from check_kv_commit(shapes, device, torch.float16, reps)
 
 
 def compile_all(arch: int = 90) -> list[str]:
@@ -307,11 +306,20 @@ def compile_all(arch: int = 90) -> list[str]:
     return lines
 
 
-def table(rows: list[Row]) -> str:
-    head = f"| op | shape | dtype | check | ok | reference ms | kernel ms | speedup |\n|{'---|' * 8}"
-    body = [f"| {r.op} | {r.shape} | {r.dtype} | {r.check} | {'yes' if r.ok else 'NO'} | {r.ref_ms:.3f} | "
-            f"{r.kernel_ms:.3f} | {r.speedup:.2f}x |" for r in rows]
-    return "\n".join([head, *body])
+TABLE_HEAD = f"| op | shape | dtype | check | ok | reference ms | kernel ms | speedup |\n|{'---|' * 8}"
+
+
+def table_row(r: Row) -> str:
+    return (f"| {r.op} | {r.shape} | {r.dtype} | {r.check} | {'yes' if r.ok else 'NO'} | {r.ref_ms:.3f} | "
+            f"{r.kernel_ms:.3f} | {r.speedup:.2f}x |")
+
+
+def write_report(out: Path, device: str, rows: list[Row]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".gpu_check.json.tmp"
+    tmp.write_text(json.dumps({"device": device, "torch": torch.__version__,
+                               "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}, indent=2))
+    os.replace(tmp, out / "gpu_check.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,18 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     reps = args.reps or (10 if device.type == "cuda" else 1)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        rows = run(device, TINY if args.tiny else SMOLLM2, reps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
-    print(f"device: {name}; torch {torch.__version__}; {time.perf_counter() - t0:.0f} s\n")
-    print(table(rows))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".gpu_check.json.tmp"
-        tmp.write_text(json.dumps({"device": name, "torch": torch.__version__,
-                                   "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}, indent=2))
-        os.replace(tmp, out / "gpu_check.json")
+    print(f"device: {name}; torch {torch.__version__}\n\n{TABLE_HEAD}", flush=True)
+    rows: list[Row] = []
+    with torch.inference_mode():
+        for row in run(device, TINY if args.tiny else SMOLLM2, reps):
+            rows.append(row)
+            print(table_row(row), flush=True)
+            if args.out:  # after every case: a run cut short keeps what it measured
+                write_report(Path(args.out), name, rows)
+    print(f"\n{len(rows)} cases in {time.perf_counter() - t0:.0f} s")
     bad = [r for r in rows if not r.ok]
     if bad:
         print(f"\n{len(bad)} case(s) disagree with the reference", file=sys.stderr)

@@ -136,6 +136,20 @@ def test_aoti_greedy_steps_run_as_one_compiled_program(build):
         load_engine(build("eager")).decoder(fused_step=True)
 
 
+def test_a_static_key_span_engine_decodes_like_eager(build, tiny_hf_dir, tmp_path, monkeypatch):
+    """CUDA engines compile the forward program over the whole (masked) cache, since export
+    cannot prove the stride guards a dynamic span puts on GPU attention (torch 2.11, H100).
+    Forced here on the CPU: the build verifies it and it decodes exactly as eager."""
+    from redrafter.builder import programs
+
+    monkeypatch.setattr(programs, "static_span", lambda device, capacity: capacity - 1)
+    base, drafter = tiny_hf_dir
+    path = build_engine(BuildOptions(output=tmp_path / "static", base=base, drafter=drafter, backend="aoti",
+                                     beam_width=3, beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
+                                     progress=False))
+    assert greedy(path) == greedy(path, speculative=False) == greedy(build("eager"))
+
+
 def test_onnx_step_program_holds_the_plugin_nodes_and_decodes_like_eager(build):
     """step.onnx is the whole greedy step with one custom-domain node per plugin op (what a
     TensorRT engine with our plugins would run); ONNX Runtime runs it with the ops' PyTorch
