@@ -94,24 +94,55 @@ def random_head(s: Shapes, head: str, dtype: torch.dtype, device: torch.device, 
             lm_head.to(device, dtype))
 
 
-def score_beams(head, embed: Tensor, base_lm_head: Tensor | None, context: Tensor, beams: Tensor) -> Tensor:
-    """Cumulative draft log-probability of each given beam [B, W, L] -> [B, W], in fp32:
-    how the beam search ranks beams, to compare beam sets found in different precisions.
-    base_lm_head: head.output_weight(lm_head), as for the beam search."""
+def _walk(head, embed: Tensor, base_lm_head: Tensor | None, context: Tensor, beams: Tensor) -> tuple[Tensor, Tensor]:
+    """The head, in fp32, along beams [B, W, L] (first token included): each beam's cumulative
+    draft log-probability [B, W] (how the beam search ranks beams) and the log-probabilities of
+    the token after it [B, W, Vout]. base_lm_head: head.output_weight(lm_head), as for the search."""
     if next(head.parameters()).dtype != torch.float32:
         head = copy.deepcopy(head).float()
     embed, context = embed.float(), context.float()
     lm = base_lm_head.float() if base_lm_head is not None else None
     b, w, l = beams.shape
-    drafted = beams[:, :, 1:].contiguous()  # token ids -> rows of the head's output
-    rows = drafted if head.draft_vocab is None else torch.searchsorted(head.draft_vocab, drafted)
     state = context.new_zeros(b, w, context.shape[-1])
     total = context.new_zeros(b, w)
-    for j in range(l - 1):
+    for j in range(l):
         state = head.step(state, embed[beams[:, :, j]])
         logp = torch.log_softmax(head.logits(context[:, None], state, lm), -1)
-        total += logp.gather(-1, rows[:, :, j : j + 1])[..., 0]
-    return total
+        if j + 1 < l:
+            total += logp.gather(-1, _rows(head, beams[:, :, j + 1 : j + 2]))[..., 0]
+    return total, logp
+
+
+def _rows(head, tokens: Tensor) -> Tensor:
+    """Token ids -> rows of the head's output (the draft vocabulary's positions, if it has one)."""
+    return tokens if head.draft_vocab is None else torch.searchsorted(head.draft_vocab, tokens.contiguous())
+
+
+def beam_slack(head, embed: Tensor, base_lm_head: Tensor | None, context: Tensor,
+               draft: Callable[[int], Tensor], width: int, length: int) -> float:
+    """How far a beam search strayed from exact top-W selection, in nats (max over steps and rows).
+
+    draft(n) runs the search cut at n tokens, which gives the W beams it held after step n - 1.
+    At every step each kept beam must extend a beam held before, the kept beams must differ,
+    and each one's exact (fp32) score must reach the W-th best exact score among all
+    extensions, up to the slack returned (rounding: a few ulps of a score per step; a wrong
+    kernel keeps beams whole nats worse). Unlike comparing with a reference search, this holds
+    when rounding breaks a near-tie the other way and the two searches part ways."""
+    worst = 0.0
+    held = draft(2)[:, :1, :1]  # [B, 1, 1]: every beam starts with the guaranteed token
+    for n in range(2, length + 1):
+        kept = draft(n)  # [B, W, n]
+        scores, logp = _walk(head, embed, base_lm_head, context, held)
+        cand = scores[:, :, None] + logp  # [B, P, Vout]: every extension of a held beam
+        kth = cand.flatten(1).topk(width, dim=-1).values[:, -1]
+        match = (kept[:, :, None, :-1] == held[:, None, :, :]).all(-1)  # [B, W, P]
+        if not match.any(-1).all() or any(len(set(map(tuple, r.tolist()))) < width for r in kept):
+            return float("inf")  # a kept beam extends no held beam, or two kept beams are the same
+        got = cand[torch.arange(kept.shape[0], device=kept.device)[:, None], match.int().argmax(-1),
+                   _rows(head, kept[:, :, -1])]
+        worst = max(worst, (kth[:, None] - got).max().item())
+        held = kept
+    return worst
 
 
 def check_beam_draft(s: Shapes, device: torch.device, dtype: torch.dtype, reps: int):
@@ -134,17 +165,12 @@ def check_beam_draft(s: Shapes, device: torch.device, dtype: torch.dtype, reps: 
                     ref = REFERENCES["beam_draft"](*args, **kw)
                     out = kernels.beam_draft(*args, **kw)
                     same = (out == ref).all(-1).float().mean().item()
-                    if l > 1:
-                        gap = (score_beams(head, embed, lm_head, context, out)
-                               - score_beams(head, embed, lm_head, context, ref)).abs().max().item()
-                    else:
-                        gap = 0.0
-                    # Different summation orders may swap near-tied beams; a wrong kernel loses
-                    # far more than rounding (fp16: ~1e-2 nats per step) on the i-th best score.
-                    ok = gap <= (1e-3 if dtype == torch.float32 else 1e-1)
+                    slack = beam_slack(head, embed, lm_head, context,
+                                       lambda n: kernels.beam_draft(*args, **(kw | {"length": n})), w, l)
+                    ok = slack <= (1e-3 if dtype == torch.float32 else 3e-2) * (l - 1)
                     name = f"{head_kind} Vd={vd}" if vd else head_kind
                     rows.append(Row("beam_draft", f"{name} B={b} W={w} L={l}", str(dtype)[6:],
-                                    f"same beams {same:.0%}, score gap {gap:.1e}", ok,
+                                    f"same beams as the reference {same:.0%}, top-W slack {slack:.1e}", ok,
                                     timed(lambda: REFERENCES["beam_draft"](*args, **kw), device, reps),
                                     timed(lambda: kernels.beam_draft(*args, **kw), device, reps)))
     return rows
