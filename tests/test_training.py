@@ -190,6 +190,34 @@ def test_interrupted_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_pa
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
 
 
+def test_a_larger_max_samples_computes_the_teacher_only_for_the_added_shard(tmp_path, tiny_hf_dir, data_file,
+                                                                           monkeypatch):
+    """Training conversations are cached in shards: growing --max-samples reuses the shards
+    already computed, and the shards together hold what one cache over all of them holds."""
+    from redrafter.training import teacher, trainer
+
+    base, _ = tiny_hf_dir
+    whole = train(_config(tmp_path, base, data_file, "whole", epochs=0.5, cache_dir=str(tmp_path / "one")))
+    monkeypatch.setattr(trainer, "SHARD_CONVERSATIONS", 4)
+    train(_config(tmp_path, base, data_file, "first", epochs=0.5, max_samples=8, cache_dir=str(tmp_path / "shards")))
+    computed = []
+    work = teacher._work
+    monkeypatch.setattr(teacher, "_work", lambda rank, base_dir, seqs, *a: computed.append(len(seqs))
+                        or work(rank, base_dir, seqs, *a))
+    grown = train(_config(tmp_path, base, data_file, "grown", epochs=0.5, cache_dir=str(tmp_path / "shards")))
+    assert len(computed) == 1 and len(list((tmp_path / "shards").iterdir())) == 3
+    m_whole, m_grown = (json.loads((d / "metrics.json").read_text()) for d in (whole, grown))
+    assert m_grown["train_sequences"] == m_whole["train_sequences"] > computed[0]
+    assert m_grown["train_tokens"] == m_whole["train_tokens"] and m_grown["positions"] == m_whole["positions"]
+    one = teacher.open_teacher_cache(next((tmp_path / "one").iterdir()))
+    shards, _ = trainer.prepare_data(_config(tmp_path, base, data_file), load_tokenizer(base))
+    parts = teacher.concat_caches([teacher.open_teacher_cache(tmp_path / "shards" / teacher.fingerprint(base, seqs))
+                                   for seqs in shards])
+    for field in ("tokens", "assistant", "ends"):
+        assert np.array_equal(getattr(one, field), getattr(parts, field)), field
+    assert np.allclose(one.hidden, parts.hidden, atol=1e-2) and (one.argmax == parts.argmax).mean() > 0.99
+
+
 # --- errors -------------------------------------------------------------------------------
 
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, data_file, monkeypatch):

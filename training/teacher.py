@@ -115,6 +115,17 @@ def build_teacher_cache(base_dir: Path, sequences: list[Tokenized], cache_dir: P
     return open_teacher_cache(cache_dir)
 
 
+def concat_caches(caches: list[TeacherCache]) -> TeacherCache:
+    """One cache over several (shards of consecutive sequences); more than one is read into memory."""
+    if len(caches) == 1:
+        return caches[0]
+    offsets = np.cumsum([0] + [len(c) for c in caches[:-1]])
+    return TeacherCache(
+        tokens=np.concatenate([c.tokens for c in caches]), assistant=np.concatenate([c.assistant for c in caches]),
+        ends=np.concatenate([c.ends + o for c, o in zip(caches, offsets)]).astype(np.int32),
+        hidden=np.concatenate([c.hidden for c in caches]), argmax=np.concatenate([c.argmax for c in caches]))
+
+
 def open_teacher_cache(cache_dir: Path) -> TeacherCache:
     meta = json.loads((Path(cache_dir) / "meta.json").read_text())
     n, h = meta["tokens"], meta["hidden_size"]

@@ -205,19 +205,30 @@ def _check_output(cfg: TrainConfig) -> Path:
     return out
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list, list]:
-    """Tokenized (train, held-out) sequences."""
+# The training conversations are cached in shards of this many (in seeded order), so a run with
+# a larger --max-samples computes the teacher only for the conversations it adds.
+SHARD_CONVERSATIONS = 4000
+
+
+def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[list], list]:
+    """Tokenized training sequences in shards of SHARD_CONVERSATIONS conversations, and the
+    held-out sequences."""
     from .data import load_conversations, split, tokenize
 
     train_convs, held_convs = split(load_conversations(cfg.data), cfg.seed)
     train_convs = train_convs[: cfg.max_samples]
-    train = [s for s in (tokenize(tokenizer, c, cfg.seq_len) for c in train_convs) if s.assistant.any()]
-    held = [s for s in (tokenize(tokenizer, c, cfg.seq_len) for c in held_convs[: cfg.eval_samples])
-            if s.assistant.any()]
-    if not train:
+
+    def trainable(convs: list) -> list:
+        return [s for s in (tokenize(tokenizer, c, cfg.seq_len) for c in convs) if s.assistant.any()]
+
+    shards = [trainable(train_convs[i:i + SHARD_CONVERSATIONS])
+              for i in range(0, len(train_convs), SHARD_CONVERSATIONS)]
+    shards = [s for s in shards if s]
+    held = trainable(held_convs[: cfg.eval_samples])
+    if not shards:
         raise ValueError(f"no trainable tokens in {cfg.data!r}: every conversation lost its assistant turns "
                          f"within --seq-len {cfg.seq_len}")
-    return train, held
+    return shards, held
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
@@ -244,12 +255,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     lm_head = model.lm_head.weight.detach() if cfg.head == "shared" else None
     del model.layers  # only the embedding and LM head are needed to train the head
 
-    train_seqs, held_seqs = prepare_data(cfg, tokenizer)
-    from .teacher import fingerprint
+    shards, held_seqs = prepare_data(cfg, tokenizer)
+    from .teacher import concat_caches, fingerprint
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache_root()
-    train_cache = build_teacher_cache(base_dir, train_seqs, root / fingerprint(base_dir, train_seqs),
-                                      cfg.teacher_workers, cfg.progress)
+    train_cache = concat_caches([build_teacher_cache(base_dir, seqs, root / fingerprint(base_dir, seqs),
+                                                     cfg.teacher_workers, cfg.progress) for seqs in shards])
     held_cache = (build_teacher_cache(base_dir, held_seqs, root / fingerprint(base_dir, held_seqs),
                                       cfg.teacher_workers, cfg.progress) if held_seqs else None)
     t_teacher = time.time() - t_start
@@ -312,7 +323,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         return out
     metrics = {
         "steps": total, "positions": len(positions), "epochs": cfg.epochs,
-        "train_sequences": len(train_seqs), "train_tokens": len(train_cache),
+        "train_sequences": sum(map(len, shards)), "train_tokens": len(train_cache),
         "train_assistant_tokens": int(train_cache.assistant.sum()),
         "teacher_seconds": round(state["teacher_seconds"], 1), "train_seconds": round(state["train_seconds"], 1),
         "torch_threads": torch.get_num_threads(),
