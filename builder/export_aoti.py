@@ -26,9 +26,10 @@ def _spec(path: Path) -> Path:
 
 
 def _attention_for_export(args: tuple):
-    """On CUDA, trace attention as its math form: the fused kernels' selection puts guards on
-    the strides of the dynamic span that export cannot prove (seen with torch 2.11 on an H100);
-    the compiler fuses the math form itself."""
+    """On CUDA, trace attention in its math form (matmuls + softmax, which the compiler fuses):
+    the fused kernels' selection reasons about strides that export must then prove. This, with
+    the forward program's static span (programs.static_span), is what export passed with on an
+    H100 (torch 2.11); the math form alone did not remove the dynamic span's guards."""
     if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
