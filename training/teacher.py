@@ -93,7 +93,7 @@ def build_teacher_cache(base_dir: Path, sequences: list[Tokenized], cache_dir: P
         batches = _batches(lengths, _TOKENS_PER_BATCH)
         done = _done_batches(cache_dir)
         todo = [b for b in range(len(batches)) if b not in done]
-        threads = torch.get_num_threads()
+        threads = max(1, torch.get_num_threads() // workers)  # the workers share the threads, not multiply them
         args = [(base_dir, sequences, cache_dir, batches, todo[r::workers], n, hidden_size, threads,
                  progress and r == 0)
                 for r in range(workers)]
