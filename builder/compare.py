@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     texts = mtbench_first_turns(args.questions)
-    systems = []  # (label, decoder, eos)
+    systems = []  # (label, run(prompt ids, n) -> Generation, the engine's prompt ids)
     for path in args.engines:
         e = load_engine(path)
         prompts = [e.encode_chat(t) for t in texts]
@@ -47,18 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         for mode, spec, fused in modes:
             label = f"{path.name} {mode}"
             d = e.decoder(speculative=spec, fused_step=fused)
-            generate(d, [prompts[0]], 16, e.eos_ids)  # warm-up
-            systems.append((label, d, e.eos_ids, prompts))
+            run = lambda prompt, n, d=d, eos=e.eos_ids: generate(d, [prompt], n, eos)[0]  # noqa: E731
+            run(prompts[0], 16)  # warm-up
+            systems.append((label, run, prompts))
     if args.llamacpp:
-        systems.append(("llama.cpp", _llamacpp(args.llamacpp, systems, args.max_new_tokens), e.eos_ids, prompts))
+        systems.append(("llama.cpp", _llamacpp(args.llamacpp, prompts, e.eos_ids, args.max_new_tokens), prompts))
     runs: dict[str, list] = {s[0]: [] for s in systems}
     for i in range(len(texts)):
-        for label, d, eos, prompts in systems:
+        for label, run, prompts in systems:
             t = time.perf_counter()
-            g = d(prompts[i], args.max_new_tokens) if callable(d) else generate(d, [prompts[i]], args.max_new_tokens, eos)[0]
+            g = run(prompts[i], args.max_new_tokens)
             runs[label].append((g, time.perf_counter() - t))
     rows, ok = [], True
-    for label, _, _, _ in systems:
+    for label, _, _ in systems:
         gens = runs[label]
         tokens = sum(len(g.token_ids) for g, _ in gens)
         seconds = sum(s for _, s in gens)
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def _llamacpp(gguf: str, systems: list, max_new_tokens: int):
-    """llama.cpp as a callable (prompt ids, n) -> Generation, on the engines' token ids, with
+def _llamacpp(gguf: str, prompts: list[list[int]], eos_ids: list[int], max_new_tokens: int):
+    """llama.cpp as a run(prompt ids, n) -> Generation, on the engines' token ids, with
     torch's thread count."""
     import torch
 
@@ -96,14 +97,14 @@ def _llamacpp(gguf: str, systems: list, max_new_tokens: int):
     from redrafter.runtime.loading import default_gguf
 
     path = default_gguf() if gguf == "default" else Path(gguf)
-    longest = max(len(p) for s in systems for p in s[3])
-    llm = LlamaCppSystem(path, longest + max_new_tokens + 8, torch.get_num_threads(), systems[0][2], 0.0)
+    longest = max(len(p) for p in prompts)
+    llm = LlamaCppSystem(path, longest + max_new_tokens + 8, torch.get_num_threads(), eos_ids, 0.0)
 
     def run(prompt: list[int], n: int) -> Generation:
         r = llm([prompt], n, [0])
         return Generation(r.outputs[0], len(r.outputs[0]) - 1, r.first_token_s[0], r.seconds)
 
-    run(systems[0][3][0], 16)  # warm-up
+    run(prompts[0], 16)  # warm-up
     return run
 
 
