@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
-                     engine_config, file_checksums, load_base_weights, read_config)
+                     engine_config, file_checksums, read_config)
 
 
 @dataclass
@@ -166,22 +166,22 @@ def _convert(model, opts: EngineOptions):
 
 def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dict[str, str]:
     from .programs import (DRAFT_INPUTS, FORWARD_INPUTS, BaseForward, DraftBeams, SpeculativeStep, draft_examples,
-                           forward_examples, step_examples)
+                           forward_examples, static_span, step_examples)
 
     capacity = opts.max_seq_len + opts.beam_width * opts.beam_length
     dev = model.embed.weight.device
     programs = {}
     if opts.backend == "aoti":
-        from .export_aoti import compile_aoti, verify_forward
+        from .export_aoti import compile_aoti, verify_engine_forward
 
         args, shapes = forward_examples(model, opts.max_batch_size, capacity)
         forward = tmp / PROGRAMS_DIR / "forward.pt2"
         stages.run("compile forward (AOTInductor)", lambda: compile_aoti(BaseForward(model), args, shapes, forward))
         # Against the model as the runtime will load it from the engine's files: the program's
         # constants are bound from those tensors, so a dtype or layout drift shows here.
-        stages.run("verify forward against eager", lambda: verify_forward(
-            forward, load_base_weights(tmp, model.cfg, opts.quantize, opts.torch_dtype, dev),
-            opts.max_batch_size, capacity))
+        stages.run("verify forward against eager", lambda: verify_engine_forward(
+            tmp, model.cfg, opts.quantize, opts.torch_dtype, str(dev), forward, opts.max_batch_size,
+            capacity, static_span(dev, capacity)))
         programs["forward"] = f"{PROGRAMS_DIR}/forward.pt2"
         if head is not None:
             dargs, dshapes = draft_examples(model, opts.max_batch_size)

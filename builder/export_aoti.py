@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
+import signal
 from pathlib import Path
 
 import torch
@@ -76,10 +78,11 @@ def load_aoti(path: Path, module: nn.Module):
     return program
 
 
-def verify_forward(path: Path, model, max_batch: int, capacity: int, tokens: int = 8) -> None:
-    """Run the compiled forward against the eager model on a random prompt; a build whose
-    program disagrees (or returns non-finite values) fails here instead of shipping."""
-    from .programs import BaseForward, static_span
+def verify_forward(path: Path, model, max_batch: int, capacity: int, span: int | None, tokens: int = 8) -> None:
+    """Run the compiled forward (compiled for key span `span`: programs.static_span) against the
+    eager model on a random prompt; a build whose program disagrees (or returns non-finite
+    values) fails here instead of shipping."""
+    from .programs import BaseForward
     from redrafter.runtime.model import attention_mask, causal_mask
 
     program = load_aoti(path, BaseForward(model))
@@ -87,7 +90,7 @@ def verify_forward(path: Path, model, max_batch: int, capacity: int, tokens: int
     ids = torch.randint(0, model.cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(dev)
     positions = torch.arange(tokens, device=dev)[None]
     slots, starts = torch.zeros(1, dtype=torch.long, device=dev), torch.zeros(1, dtype=torch.long, device=dev)
-    mask = attention_mask(starts, causal_mask(1, tokens, dev), static_span(dev, capacity) or tokens)
+    mask = attention_mask(starts, causal_mask(1, tokens, dev), span or tokens)
     caches = [model.new_cache(max_batch, capacity) for _ in range(2)]
     with torch.inference_mode():
         ref = model.forward_masked(ids, positions, caches[0], slots, starts, mask).float()
@@ -99,3 +102,55 @@ def verify_forward(path: Path, model, max_batch: int, capacity: int, tokens: int
                          f"finite: {bool(torch.isfinite(got).all())}) for dtype {model.embed.weight.dtype}: "
                          "AOTInductor miscompiles this configuration here; build with --backend eager or "
                          "--dtype float32")
+
+
+
+def verify_engine_forward(engine_dir: Path, cfg, quantize: str, dtype: torch.dtype, device: str, path: Path,
+                          max_batch: int, capacity: int, span: int | None) -> None:
+    """verify_forward against the model as the runtime will load it from the engine's files, in
+    a fresh process: some torch builds' AOTInductor loaders crash the process outright (torch
+    2.11.0+cu130 on an H100 VM segfaulted loading any CUDA package, even one nn.Linear), and a
+    crash must end the build with a clear error, not take the builder down with it."""
+    run_isolated(_verify_from_files, engine_dir, cfg, quantize, dtype, device, path, max_batch, capacity, span,
+                 crash=f"loading the compiled program {path.name} crashed the process ({{signal}}): this torch "
+                       f"build ({torch.__version__}) cannot run AOTInductor packages on {device} here; build "
+                       "with --backend eager")
+
+
+def _verify_from_files(engine_dir: Path, cfg, quantize: str, dtype: torch.dtype, device: str, path: Path,
+                       max_batch: int, capacity: int, span: int | None) -> None:
+    from .engine import load_base_weights
+
+    verify_forward(path, load_base_weights(engine_dir, cfg, quantize, dtype, torch.device(device)),
+                   max_batch, capacity, span)
+
+
+def run_isolated(fn, *args, crash: str) -> None:
+    """fn(*args) in a spawned process. An exception there, or a death by signal (message `crash`,
+    {signal} standing for the signal's name), is raised here as a ValueError: the CLI's clear
+    error, as for other things this machine lacks (TensorRTUnavailable)."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, fn, args))
+    child.start()
+    send.close()
+    try:
+        error = receive.recv()
+    except EOFError:  # no message: the child died
+        error = None
+    child.join()
+    if child.exitcode and child.exitcode < 0:
+        raise ValueError(crash.format(signal=signal.Signals(-child.exitcode).name))
+    if error:
+        raise ValueError(error)
+    if child.exitcode:
+        raise RuntimeError(f"{fn.__name__} exited with code {child.exitcode}")
+
+
+def _child(send, fn, args: tuple) -> None:
+    try:
+        fn(*args)
+    except Exception as e:  # the message crosses the process boundary; the parent raises it
+        send.send(f"{e}")
+    else:
+        send.send(None)

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 output=root / f"{backend}{'+plugins' if plugin_ops else ''}-{quant}", base=base, drafter=drafter,
                 backend=backend, quantize=quant, device=args.device, beam_width=args.beam_width,
                 beam_length=args.beam_length, max_batch_size=1, max_seq_len=args.prompt_len + args.new_tokens + 16,
-                plugin_ops=plugin_ops, progress=False))
+                plugin_ops=plugin_ops, progress=True))  # stage times in the log
             r = run_engine(path, prompt, args.new_tokens, args.device) | {"build_s": round(time.perf_counter() - t, 1)}
             r["redrafter_equals_plain"] = all(r[m]["tokens"] == r["plain"]["tokens"] for m in _modes(r))
             ok &= r["redrafter_equals_plain"]

@@ -3,7 +3,9 @@ atomic builds. Each backend compiles once per session (AOTInductor takes ~30-60 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,25 @@ def test_a_program_refuses_tensors_unlike_those_it_was_compiled_for(build):
     with pytest.raises(ValueError, match=r"compiled for model.norm.weight as float32 \[64\] but the engine's "
                                          r"model holds float64 \[64\].*rebuild it"):
         e.programs()
+
+
+def _segfault(*args) -> None:
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_crash_loading_a_compiled_program_ends_the_build_with_a_clear_error(tiny_hf_dir, tmp_path, monkeypatch):
+    """torch 2.11.0+cu130 on an H100 VM segfaulted loading any AOTInductor CUDA package. The
+    build loads its program in a child process, so such a crash ends the build with an error
+    naming the fix and leaves no engine (and no half-built directory) behind."""
+    from redrafter.builder import export_aoti
+
+    monkeypatch.setattr(export_aoti, "_verify_from_files", _segfault)  # what the child process runs
+    base, drafter = tiny_hf_dir
+    out = tmp_path / "crashing"
+    with pytest.raises(ValueError, match=r"crashed the process \(SIGSEGV\).*--backend eager"):
+        build_engine(BuildOptions(output=out, base=base, drafter=drafter, backend="aoti", beam_width=3,
+                                  beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_session_opens_an_engine(build):
