@@ -104,7 +104,6 @@ def verify_forward(path: Path, model, max_batch: int, capacity: int, span: int |
                          "--dtype float32")
 
 
-
 def verify_engine_forward(engine_dir: Path, cfg, quantize: str, dtype: torch.dtype, device: str, path: Path,
                           max_batch: int, capacity: int, span: int | None) -> None:
     """verify_forward against the model as the runtime will load it from the engine's files, in
@@ -131,7 +130,7 @@ def run_isolated(fn, *args, crash: str) -> None:
     error, as for other things this machine lacks (TensorRTUnavailable)."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(send, fn, args))
+    child = ctx.Process(target=_child, args=(send, fn, args), daemon=True)  # ends with the build
     child.start()
     send.close()
     try:
