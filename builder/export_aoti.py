@@ -111,9 +111,9 @@ def verify_engine_forward(engine_dir: Path, cfg, quantize: str, dtype: torch.dty
     2.11.0+cu130 on an H100 VM segfaulted loading any CUDA package, even one nn.Linear), and a
     crash must end the build with a clear error, not take the builder down with it."""
     run_isolated(_verify_from_files, engine_dir, cfg, quantize, dtype, device, path, max_batch, capacity, span,
-                 crash=f"loading the compiled program {path.name} crashed the process ({{signal}}): this torch "
-                       f"build ({torch.__version__}) cannot run AOTInductor packages on {device} here; build "
-                       "with --backend eager")
+                 crash=f"loading the compiled program {path.name} crashed the process ({{how}}): AOTInductor in "
+                       f"this torch build ({torch.__version__}) could not load it on {device} (torch 2.11.0+cu130 "
+                       "on an H100 segfaulted so on every CUDA package); build with --backend eager")
 
 
 def _verify_from_files(engine_dir: Path, cfg, quantize: str, dtype: torch.dtype, device: str, path: Path,
@@ -125,9 +125,9 @@ def _verify_from_files(engine_dir: Path, cfg, quantize: str, dtype: torch.dtype,
 
 
 def run_isolated(fn, *args, crash: str) -> None:
-    """fn(*args) in a spawned process. An exception there, or a death by signal (message `crash`,
-    {signal} standing for the signal's name), is raised here as a ValueError: the CLI's clear
-    error, as for other things this machine lacks (TensorRTUnavailable)."""
+    """fn(*args) in a spawned process. An exception there (its message), or a death without one
+    (message `crash`, {how} standing for the signal or exit code), is raised here as a
+    ValueError: the CLI's clear error, as for other things this machine lacks (TensorRTUnavailable)."""
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(send, fn, args), daemon=True)  # ends with the build
@@ -138,12 +138,11 @@ def run_isolated(fn, *args, crash: str) -> None:
     except EOFError:  # no message: the child died
         error = None
     child.join()
-    if child.exitcode and child.exitcode < 0:
-        raise ValueError(crash.format(signal=signal.Signals(-child.exitcode).name))
     if error:
         raise ValueError(error)
     if child.exitcode:
-        raise RuntimeError(f"{fn.__name__} exited with code {child.exitcode}")
+        how = signal.Signals(-child.exitcode).name if child.exitcode < 0 else f"exit code {child.exitcode}"
+        raise ValueError(crash.format(how=how))
 
 
 def _child(send, fn, args: tuple) -> None:
