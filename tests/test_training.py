@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from redrafter.runtime.decoding import Decoder, generate
@@ -20,7 +21,7 @@ from redrafter.runtime.pipeline import Loaded
 from redrafter.training import TrainConfig, heldout_prompts, train
 from redrafter.training.data import load_conversations, normalize, split, tokenize
 from redrafter.training.teacher import TeacherCache
-from redrafter.training.trainer import Positions, choose_draft_vocab
+from redrafter.training.trainer import Batch, Positions, choose_draft_vocab, step_losses
 
 
 def _write_jsonl(path: Path, n: int = 12) -> Path:
@@ -115,6 +116,39 @@ def test_positions_align_inputs_and_labels_with_inference():
     assert gt.inputs[1].tolist() == [12, 13] and gt.labels[1].tolist() == [13, 14]
 
 
+def test_soft_labels_come_from_the_hidden_states_behind_the_distill_labels():
+    n = 8
+    cache = TeacherCache(tokens=np.arange(10, 10 + n, dtype=np.int32), assistant=np.ones(n, bool),
+                         ends=np.full(n, n, np.int32),
+                         hidden=np.arange(n * 3, dtype=np.float16).reshape(n, 3),
+                         argmax=np.arange(100, 100 + n, dtype=np.int32))
+    kl = Positions(cache, draft_len=2, labels="kl")
+    distill = Positions(cache, draft_len=2, labels="distill")
+    assert np.array_equal(kl.labels, distill.labels) and np.array_equal(kl.valid, distill.valid)
+    # Step k at t is labelled a_{t+k}, the argmax of the LM head on H_{t+k}: its soft label reads H_{t+k}.
+    b = kl.batch(np.array([1, 4]), torch.device("cpu"))
+    assert b.teacher.shape == (2, 2, 3)
+    assert b.teacher[0].tolist() == cache.hidden[[2, 3]].astype(np.float32).tolist()
+    assert b.teacher[1].tolist() == cache.hidden[[5, 6]].astype(np.float32).tolist()
+    assert distill.batch(np.array([1]), torch.device("cpu")).teacher is None
+
+
+def test_the_soft_loss_is_cross_entropy_to_the_teachers_distribution():
+    torch.manual_seed(0)
+    teacher = torch.randn(4, 2, 6)
+    batch = Batch(context=torch.zeros(4, 1), inputs=torch.zeros(4, 2, dtype=torch.long),
+                  labels=teacher.argmax(-1), valid=torch.ones(4, 2, dtype=torch.bool))
+    rows = torch.arange(6)
+    p = teacher.softmax(-1)
+    entropy = -(p * p.log()).sum(-1).mean(0)
+    matched, acc, _ = step_losses(teacher, batch, rows, soft=teacher)
+    assert torch.allclose(matched, entropy, atol=1e-5) and acc.tolist() == [1.0, 1.0]
+    # Only the argmax right, with too much confidence: worse under soft labels, better under hard ones.
+    sharp = 30 * F.one_hot(teacher.argmax(-1), 6).float()
+    assert (step_losses(sharp, batch, rows, soft=teacher)[0] > matched + 0.5).all()
+    assert (step_losses(sharp, batch, rows)[0] < step_losses(teacher, batch, rows)[0]).all()
+
+
 def test_positions_do_not_cross_sequence_boundaries():
     cache = TeacherCache(tokens=np.arange(6, dtype=np.int32), assistant=np.ones(6, bool),
                          ends=np.array([3, 3, 3, 6, 6, 6], np.int32), hidden=np.zeros((6, 2), np.float16),
@@ -145,6 +179,21 @@ def test_loss_falls_and_the_drafter_loads_and_decodes_exactly(tmp_path, tiny_hf_
         head = load_drafter(head_dir)
         spec = generate(Decoder(model, head, max_batch=2, max_seq_len=80, beam_width=3, beam_length=4), prompts, 16)
         assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
+
+
+def test_soft_labels_train_a_head_that_decodes_exactly(tmp_path, tiny_hf_dir, data_file):
+    base, _ = tiny_hf_dir
+    out = train(_config(tmp_path, base, data_file, epochs=3.0, draft_vocab=16, labels="kl"))
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    # The floor is the teacher's entropy, not 0; the tiny random teacher's is high.
+    assert np.mean([h["loss"] for h in history[-3:]]) < 0.7 * history[0]["loss"]
+    assert json.loads((out / "config.json").read_text())["training"]["labels"] == "kl"
+    head = load_drafter(out)
+    model, _ = load_base(base)
+    prompts = [Loaded(model, load_tokenizer(base), None, base).encode_chat("Say the words, number 2.")]
+    plain = generate(Decoder(model, None, max_batch=1, max_seq_len=80), prompts, 16)
+    spec = generate(Decoder(model, head, max_batch=1, max_seq_len=80, beam_width=3, beam_length=4), prompts, 16)
+    assert spec[0].token_ids == plain[0].token_ids
 
 
 def test_draft_vocabulary_is_the_most_frequent_labels():

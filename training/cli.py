@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="draft over the N most frequent training labels only (0: the whole vocabulary); "
                         "cheaper drafting, output unchanged")
-    p.add_argument("--labels", choices=("distill", "ground-truth"), default="distill",
-                   help="distill: the base model's own next tokens; ground-truth: the dataset's tokens")
+    p.add_argument("--labels", choices=("distill", "kl", "ground-truth"), default="distill",
+                   help="distill: the base model's own next tokens; kl: its whole next-token distribution "
+                        "(soft labels); ground-truth: the dataset's tokens")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=None, help="teacher cache root (default ~/.cache/redrafter/teacher)")
     p.add_argument("--teacher-workers", type=int, default=1, help="processes computing the teacher cache")

@@ -8,12 +8,17 @@ position t+1 given y_0..y_t), a sample at position t is:
 
   context H_t; step-k input y_{t+k}; step-k label
     distill:      a_{t+k}   (the base model's greedy next token given y_0..y_{t+k})
+    kl:           the base model's whole next-token distribution given y_0..y_{t+k}
+                  (softmax of its LM head on H_{t+k}, over the draft vocabulary)
     ground-truth: y_{t+k+1}
 
-Inputs are the ground-truth tokens and, in distill mode, every label is the teacher's
-prediction given exactly the prefix the head has seen (the paper's local distillation), so
-each step is self-consistent even where the text departs from what the base model would
-write. A step counts only when the token it predicts is an assistant token of the same
+Inputs are the ground-truth tokens and, in distill and kl modes, every label is the
+teacher's prediction given exactly the prefix the head has seen (the paper's local
+distillation), so each step is self-consistent even where the text departs from what the
+base model would write. kl trains on the soft distribution (cross-entropy to it, i.e. forward
+KL up to a constant): each position then says how sure the teacher is and what it would rank
+second, more signal per cached position where data is what limits the head. The soft targets
+are recomputed from the cached hidden states on the fly, so the cache stays the same. A step counts only when the token it predicts is an assistant token of the same
 sequence (and all earlier steps count).
 """
 from __future__ import annotations
@@ -34,7 +39,7 @@ from torch import Tensor
 
 from redrafter.runtime.drafter import DraftHead, DrafterConfig, check_compatible, load_drafter, save_drafter
 
-LABELS = ("distill", "ground-truth")
+LABELS = ("distill", "kl", "ground-truth")
 CHECKPOINT = "checkpoint"
 
 
@@ -98,6 +103,7 @@ class Batch:
     inputs: Tensor   # [B, K] token fed at step k (y_{t+k})
     labels: Tensor   # [B, K]
     valid: Tensor    # [B, K] bool
+    teacher: Tensor | None = None  # [B, K, H] teacher hidden state behind each step's label (kl)
 
 
 class Positions:
@@ -114,8 +120,11 @@ class Positions:
         valid = (target < cache.ends[:, None]) & assistant[target]
         self.valid = np.cumprod(valid, axis=1).astype(bool)  # [N, K]
         self.inputs = tokens[t[:, None] + steps[None, :]]
-        source = np.concatenate([cache.argmax, np.zeros(k + 1, np.int32)]) if labels == "distill" else tokens
-        self.labels = source[t[:, None] + steps[None, :] + (0 if labels == "distill" else 1)]
+        teacher_labels = labels != "ground-truth"
+        source = np.concatenate([cache.argmax, np.zeros(k + 1, np.int32)]) if teacher_labels else tokens
+        self.labels = source[t[:, None] + steps[None, :] + (0 if teacher_labels else 1)]
+        # kl: the position whose hidden state gives step k's soft label (clipped where the step is invalid)
+        self.soft = np.minimum(t[:, None] + steps[None, :], n - 1) if labels == "kl" else None
         self.index = np.flatnonzero(self.valid[:, 0])
 
     def __len__(self) -> int:
@@ -126,11 +135,17 @@ class Positions:
 
     def batch(self, idx: np.ndarray, device: torch.device) -> Batch:
         idx = np.sort(idx)  # sequential reads from the memory-mapped hidden states
+        teacher = None
+        if self.soft is not None:
+            at = self.soft[idx]  # [B, K]
+            teacher = torch.from_numpy(np.asarray(self.cache.hidden[at.reshape(-1)], dtype=np.float32))
+            teacher = teacher.view(*at.shape, -1).to(device)
         return Batch(
             context=torch.from_numpy(np.asarray(self.cache.hidden[idx], dtype=np.float32)).to(device),
             inputs=torch.from_numpy(self.inputs[idx].astype(np.int64)).to(device),
             labels=torch.from_numpy(self.labels[idx].astype(np.int64)).to(device),
             valid=torch.from_numpy(self.valid[idx]).to(device),
+            teacher=teacher,
         )
 
 
@@ -162,16 +177,23 @@ def draft_logits(head: DraftHead, embed: Tensor, lm_head: Tensor | None, context
     return head.logits(context[:, None, :], torch.stack(states, dim=1), lm_head)
 
 
-def step_losses(logits: Tensor, batch: Batch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-step mean cross-entropy [K], per-step top-1 accuracy [K] and counts [K].
+def step_losses(logits: Tensor, batch: Batch, rows: Tensor,
+                soft: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-step mean cross-entropy [K], per-step top-1 accuracy [K] (against batch.labels) and
+    counts [K].
 
-    rows: label_rows(head); a label outside a draft vocabulary is a sure miss and gives no
-    gradient."""
+    rows: label_rows(head); a hard label outside a draft vocabulary is a sure miss and gives no
+    gradient. soft [B, K, V]: teacher logits over the head's rows; the loss is then the
+    cross-entropy to their softmax."""
     b, k, v = logits.shape
     target = rows[batch.labels]
-    ce = F.cross_entropy(logits.reshape(b * k, v), target.reshape(-1), reduction="none", ignore_index=-100)
     w = batch.valid.float()
-    w_loss = w * (target != -100).float()
+    if soft is None:
+        ce = F.cross_entropy(logits.reshape(b * k, v), target.reshape(-1), reduction="none", ignore_index=-100)
+        w_loss = w * (target != -100).float()
+    else:
+        ce = -(soft.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        w_loss = w
     loss = (ce.view(b, k) * w_loss).sum(0) / w_loss.sum(0).clamp(min=1)
     count = w.sum(0)
     correct = ((logits.argmax(-1) == target).float() * w).sum(0)
@@ -253,6 +275,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
                          f"{model.cfg.vocab_size}: tokenizer and model do not belong together")
     embed = model.embed.weight.detach()
     lm_head = model.lm_head.weight.detach() if cfg.head == "shared" else None
+    teacher_lm_head = model.lm_head.weight.detach()
     del model.layers  # only the embedding and LM head are needed to train the head
 
     shards, held_seqs = prepare_data(cfg, tokenizer)
@@ -279,6 +302,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     head.to(device).train()
     check_compatible(head.cfg, embed.shape[0], embed.shape[1])
     out_weight = head.output_weight(lm_head) if lm_head is not None else None
+    teacher_weight = head.output_weight(teacher_lm_head) if cfg.labels == "kl" else None  # [V_draft, H]
     rows = label_rows(head)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup))
@@ -296,9 +320,13 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
         epoch, i = divmod(step, steps_per_epoch)
         idx = positions.order(cfg.seed, epoch)[i * cfg.batch_size:(i + 1) * cfg.batch_size]
         batch = positions.batch(idx, device)
+        soft = None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits = draft_logits(head, embed, out_weight, batch.context, batch.inputs)
-        loss_k, acc_k, _ = step_losses(logits.float(), batch, rows)
+            if teacher_weight is not None:
+                with torch.no_grad():
+                    soft = (batch.teacher @ teacher_weight.T).float()  # [B, K, V_draft]
+        loss_k, acc_k, _ = step_losses(logits.float(), batch, rows, soft)
         loss = loss_k.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
