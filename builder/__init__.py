@@ -4,4 +4,4 @@ The option names live here, free of heavy imports, so the CLI's --help stays fas
 """
 BACKENDS = ("eager", "aoti", "onnx", "tensorrt")
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")

@@ -69,9 +69,12 @@ def build_engine(options: BuildOptions) -> Path:
     dev = torch.device(opts.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda needs a CUDA GPU, and torch sees none: build with --device cpu")
-    if opts.backend in ("onnx", "tensorrt") and opts.quantize == "int8":
-        raise ValueError("int8 engines use torch's weight-only int8 matmul, which has no ONNX export: "
-                         "use --backend aoti or eager with --quantize int8")
+    if opts.backend in ("onnx", "tensorrt") and opts.quantize != "none":
+        raise ValueError(f"{opts.quantize} engines use torch's weight-only {opts.quantize} matmul, which has no "
+                         f"ONNX export: use --backend aoti or eager with --quantize {opts.quantize}")
+    if opts.quantize == "int4" and dev.type != "cpu":
+        raise ValueError("int4 engines run on the CPU only (torch's int4 matmul for CUDA takes another weight "
+                         "layout): build with --device cpu, or use --quantize int8 on a GPU")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
@@ -121,7 +124,7 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
 
     def write_weights() -> None:
         state = model.state_dict()
-        if model.cfg.tie_word_embeddings:
+        if model.lm_head.weight is model.embed.weight:  # tied (and not quantized): stored once
             state.pop("lm_head.weight")
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / BASE_WEIGHTS))
         if head is not None:
@@ -156,11 +159,11 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
 
 
 def _convert(model, opts: EngineOptions):
-    """int8 quantization from the fp32 weights first, then the rest to the engine dtype."""
-    if opts.quantize == "int8":
-        from .quantize import quantize_int8
+    """Quantization from the fp32 weights first, then the rest to the engine dtype."""
+    if opts.quantize != "none":
+        from .quantize import quantize_model
 
-        quantize_int8(model)
+        quantize_model(model, opts.quantize)
     return model.to(opts.torch_dtype)
 
 

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("--output", required=True, help="engine directory to write (replaced atomically if it is an engine)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPE_NAMES))
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
-                   help="int8: weight-only int8 (per output channel) for the base model's block projections")
+                   help="weight-only quantization of the base model's block projections: int8 (per output "
+                        "channel; CPU and GPU) or int4 (groups of 32, as llama.cpp's Q4_1; CPU only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the engine runs (compiled programs are device-specific)")
     p.add_argument("--backend", default="aoti", choices=list(BACKENDS))
     p.add_argument("--beam-width", type=int, default=4, help="W: beams drafted per step")

@@ -6,7 +6,8 @@ An engine directory (written by `redrafter build`, read by `load_engine` / `Sess
                            or null), build options, programs, plugin versions, and the sha256
                            of every other file
     base.safetensors       base weights in the engine dtype (runtime.model names; with int8,
-                           block projections as int8 `weight` + per-channel `scale`)
+                           block projections as int8 `weight` + per-channel `scale`; with
+                           int4, torch's CPU int4 packing `weight` + `scales_and_zeros`)
     drafter.safetensors    draft head weights (absent for an engine without drafter)
     tokenizer/             tokenizer files and chat template
     programs/              compiled programs: forward.pt2 + draft.pt2 (aoti) or
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from redrafter.runtime import pipeline
 from redrafter.runtime.decoding import Decoder
@@ -141,19 +143,19 @@ def read_config(path: Path, verify: bool = True) -> dict[str, Any]:
 
 def load_base_weights(path: Path, cfg: LlamaConfig, quantize: str, dtype: torch.dtype,
                       device: torch.device) -> Llama:
-    """The base model from base.safetensors (int8 block projections when quantized)."""
-    from .quantize import empty_int8
+    """The base model from base.safetensors (quantized block projections when built so)."""
+    from .quantize import empty_quantized
 
     with torch.device("meta"):
         model = Llama(cfg)
-        if quantize == "int8":
-            empty_int8(model)
+        if quantize != "none":
+            empty_quantized(model, quantize)
     # safetensors places tensors at arbitrary byte offsets; torch's int8 weight-only matmul
     # (AVX-512 kernels) reads its weight with aligned loads and crashed on such a tensor, so
     # unaligned CPU tensors are copied into fresh (64-byte aligned) memory.
     state = {k: v.clone() if v.device.type == "cpu" and v.data_ptr() % 64 else v
              for k, v in load_file(str(path / BASE_WEIGHTS), device=str(device)).items()}
-    tied = cfg.tie_word_embeddings
+    tied = cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear)  # a quantized head is untied
     expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 # Weights stay out of the package: the loader hands the program the tensors it read from the
-# engine's safetensors (user-managed, so the forward and draft programs share one copy).
-INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False}
+# engine's safetensors (user-managed, so the forward and draft programs share one copy). Every
+# tensor keeps its module name, small ones too: inlined or renamed, a tensor (the int4 group
+# size, say) would become a constant that no engine file holds.
+INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from redrafter.runtime.acceptance import greedy_verify
 from redrafter.runtime.beam_search import beam_search
 from redrafter.runtime.drafter import DraftHead
-from redrafter.runtime.model import KVCache, Llama, TreeMask, attention_mask
+from redrafter.runtime.model import KVCache, Llama, TreeMask, attention_mask, lm_head_weight
 
 # Signature of a forward program: (tokens, positions, k, v, slots, starts, mask) -> hidden,
 # writing the new keys/values into k and v.
@@ -73,11 +73,12 @@ class DraftBeams(nn.Module):
         super().__init__()
         self.head, self.embed, self.plugin_ops = head, model.embed, plugin_ops
         shared = head.cfg.head == "shared"
-        self.lm_head = model.lm_head if shared and head.draft_vocab is None else None
-        if shared and head.draft_vocab is not None:
-            # The draft vocabulary's rows, gathered here once (at build and at load, from the
-            # engine's weights) rather than inside the program at every call.
-            self.register_buffer("draft_lm_head", head.output_weight(model.lm_head.weight), persistent=False)
+        float_head = isinstance(model.lm_head, nn.Linear)
+        self.lm_head = model.lm_head if shared and head.draft_vocab is None and float_head else None
+        if shared and self.lm_head is None:
+            # The draft vocabulary's rows (or a quantized head's float weights), gathered here
+            # once (at build and at load, from the engine's weights) rather than at every call.
+            self.register_buffer("draft_lm_head", head.output_weight(lm_head_weight(model)), persistent=False)
         else:
             self.draft_lm_head = None
         self.width, self.length = width, length

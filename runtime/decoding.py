@@ -23,7 +23,7 @@ from torch import Tensor
 from .acceptance import greedy_verify, tree_walk
 from .beam_search import beam_search
 from .drafter import DraftHead, check_compatible
-from .model import Llama, causal_mask
+from .model import Llama, causal_mask, lm_head_weight
 from .sampling import BatchSampling, SlotSampler, draw, processed_probs
 from .tree import PackedBeams, pack_beams
 
@@ -51,7 +51,7 @@ class Decoder:
             check_compatible(drafter.cfg, model.cfg.vocab_size, model.cfg.hidden_size)
         self.model, self.drafter = model, drafter
         # The shared head's rows of the base LM head, gathered once (draft vocabulary).
-        self._draft_lm_head = drafter.output_weight(model.lm_head.weight) if drafter is not None else None
+        self._draft_lm_head = drafter.output_weight(lm_head_weight(model)) if drafter is not None else None
         self.beam_width, self.beam_length = beam_width, beam_length
         self.max_seq_len = max_seq_len
         self.max_tree_tokens = beam_width * beam_length

@@ -330,5 +330,16 @@ class Llama(nn.Module):
         return rows_linear(self.lm_head, hidden).float()
 
 
+def lm_head_weight(model: nn.Module) -> Tensor:
+    """The base LM head as a float matrix [V, H] (the drafter's shared head reads its rows).
+    A quantized head (an int4 engine's: builder.quantize) gives the float weights it was
+    made from where it was tied to the embedding, and its dequantized weights otherwise."""
+    if isinstance(model.lm_head, nn.Linear):
+        return model.lm_head.weight
+    if model.cfg.tie_word_embeddings:
+        return model.embed.weight
+    return model.lm_head.dequantized_weight()
+
+
 def causal_mask(b: int, t: int, device: torch.device | str | None = None) -> Tensor:
     return torch.ones(t, t, dtype=torch.bool, device=device).tril()[None].expand(b, t, t)

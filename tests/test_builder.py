@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from redrafter.builder import build as build_mod
 from redrafter.builder.build import BuildOptions, build_engine
 from redrafter.builder.engine import SCHEMA_VERSION, load_engine
-from redrafter.builder.quantize import Int8Linear, quantize_weight
+from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_weight
 from redrafter.builder.tensorrt import TensorRTUnavailable, missing_requirements
 from redrafter.runtime.decoding import Decoder, generate
+from redrafter.runtime.model import lm_head_weight
 
 MAX_SEQ_LEN = 64
 PROMPTS = ["Hello there", "Write a short poem about the sea and the wind"]
@@ -237,6 +238,22 @@ def test_session_opens_an_engine(build):
     assert [o.token_ids for o in outs] == greedy(build("eager"))
 
 
+def test_int4_engine_is_lossless_wrt_its_own_plain_decoding(build):
+    path = build("aoti", "int4")
+    state = load_file(str(path / "base.safetensors"))
+    w = state["layers.0.mlp.up.weight"]
+    assert w.dtype == torch.uint8 and w.shape == (128, 64 // 2)  # two 4-bit weights per byte
+    assert state["layers.0.mlp.up.scales_and_zeros"].shape == (64 // GROUP, 128, 2)
+    # The LM head is in 4 bits too, untied from the float embedding, whose rows the drafter reads.
+    assert state["lm_head.weight"].dtype == torch.uint8 and state["embed.weight"].dtype == torch.float32
+    assert greedy(path) == greedy(path, speculative=False)
+    model = load_engine(path).model
+    assert isinstance(model.layers[0].mlp.up, Int4Linear) and isinstance(model.lm_head, Int4Linear)
+    assert lm_head_weight(model) is model.embed.weight
+    deq = model.lm_head.dequantized_weight()
+    assert deq.shape == model.embed.weight.shape and 0 < (deq - model.embed.weight).abs().max() < 0.1
+
+
 def test_int8_engine_is_lossless_wrt_its_own_plain_decoding(build):
     path = build("aoti", "int8")
     state = load_file(str(path / "base.safetensors"))
@@ -249,13 +266,14 @@ def test_int8_engine_is_lossless_wrt_its_own_plain_decoding(build):
     assert isinstance(e.model.layers[0].mlp.up, Int8Linear)
 
 
-def test_bf16_int8_aoti_engine_computes_what_its_eager_model_computes(build):
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_bf16_quantized_aoti_engine_computes_what_its_eager_model_computes(build, quantize):
     """The programs bind the tensors the engine loads. Regression: the RoPE frequencies were
     bfloat16 in the converted model the programs were compiled from and float32 once loaded,
     and the compiled forward returned NaN."""
     from redrafter.runtime.model import causal_mask
 
-    e = load_engine(build("aoti", "int8", dtype="bfloat16"))
+    e = load_engine(build("aoti", quantize, dtype="bfloat16"))
     assert e.model.inv_freq.dtype == torch.float32
     compiled, eager = e.decoder(), Decoder(e.model, e.drafter, max_batch=1, max_seq_len=MAX_SEQ_LEN)
     ids = torch.tensor([e.encode_chat(PROMPTS[1])])
@@ -282,6 +300,44 @@ def test_int8_quantization_is_per_channel_symmetric():
     lin_bf16 = Int8Linear.from_linear(lin.to(torch.bfloat16))
     assert lin_bf16.weight.dtype == torch.int8 and lin_bf16.scale.dtype == torch.bfloat16
     assert torch.allclose(lin_bf16(x.bfloat16()).float(), ref, rtol=0.05, atol=0.1)
+
+
+def test_int4_quantization_is_groupwise_asymmetric():
+    torch.manual_seed(0)
+    w = torch.randn(32, 64) * torch.linspace(0.01, 3, 64)[None, :]  # groups of very different ranges
+    q, sz = quantize_int4(w)
+    assert q.min() >= 0 and q.max() <= 15 and sz.shape == (64 // GROUP, 32, 2)
+    scale, zero = (sz[..., i].t().repeat_interleave(GROUP, dim=1) for i in (0, 1))  # [out, in]
+    deq = (q.float() - 8) * scale + zero
+    assert torch.all((w - deq).abs() <= scale / 2 + 1e-6)
+    lin = torch.nn.Linear(64, 32)
+    lin.weight.data = w
+    x = torch.randn(5, 64)
+    ref = x @ deq.t() + lin.bias
+    assert torch.allclose(Int4Linear.from_linear(lin)(x), ref, atol=1e-4)
+    # bfloat16 engines keep scales and zeros in bfloat16, as torch's int4 matmul takes them.
+    lin_bf16 = Int4Linear.from_linear(lin.to(torch.bfloat16))
+    assert lin_bf16.weight.dtype == torch.uint8 and lin_bf16.scales_and_zeros.dtype == torch.bfloat16
+    q = quantize_int4(lin.weight)[0]
+    scale, zero = (lin_bf16.scales_and_zeros[..., i].float().t().repeat_interleave(GROUP, dim=1) for i in (0, 1))
+    ref_bf16 = x.bfloat16().float() @ ((q.float() - 8) * scale + zero).t() + lin_bf16.bias.float()
+    assert torch.allclose(lin_bf16(x.bfloat16()).float(), ref_bf16, rtol=0.02, atol=0.1)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        Int4Linear.from_linear(torch.nn.Linear(48, 8))
+
+
+@pytest.mark.parametrize("kind,dtype", [(Int8Linear, torch.bfloat16), (Int4Linear, torch.bfloat16),
+                                        (Int4Linear, torch.float32)])
+def test_packed_quantized_matmuls_compute_each_row_on_its_own(kind, dtype):
+    """torch's packed int8/int4 CPU matmuls give each row the bits it gets alone, so verifying
+    many tokens at once cannot flip a near tie that plain decoding resolves the other way.
+    (Float BLAS GEMMs do not promise this: fp32 engines rely on such ties being rare.)"""
+    torch.manual_seed(0)
+    lin = kind.from_linear(torch.nn.Linear(576, 1536).to(dtype))
+    x = torch.randn(13, 576, dtype=dtype)
+    full = lin(x)
+    for rows in (slice(0, 1), slice(3, 4), slice(0, 2), slice(5, 8), slice(2, 7)):
+        assert torch.equal(lin(x[rows].clone()), full[rows])
 
 
 def test_request_beyond_max_seq_len_is_rejected(build):
@@ -399,3 +455,6 @@ def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
     assert main(["build", "--base", str(base), "--output", str(tmp_path / "x"), "--backend", "onnx",
                  "--quantize", "int8", "--no-progress"]) == 2
     assert "int8" in capsys.readouterr().err
+    assert main(["build", "--base", str(base), "--output", str(tmp_path / "y"), "--backend", "onnx",
+                 "--quantize", "int4", "--no-progress"]) == 2
+    assert "int4" in capsys.readouterr().err
