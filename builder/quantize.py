@@ -63,9 +63,6 @@ class Int8Linear(nn.Module):
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return q
 
-    def dequantized_weight(self) -> Tensor:
-        return self.weight.to(self.scale.dtype) * self.scale[:, None]
-
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
             flat = x.reshape(-1, self.in_features)
@@ -107,15 +104,20 @@ class Int4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None):
         super().__init__()
-        if in_features % GROUP:
-            raise ValueError(f"int4 quantization needs input sizes divisible by {GROUP}, got a {in_features}-wide "
-                             "projection: use --quantize int8")
+        if not self.supports(in_features, out_features):
+            raise ValueError(f"int4 quantization needs input sizes divisible by {GROUP} and output sizes divisible "
+                             f"by 16 (torch's packing), got a {in_features} -> {out_features} projection: use "
+                             "--quantize int8")
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", torch.zeros(in_features // GROUP, out_features, 2, dtype=dtype,
                                                              device=device))
         self.register_buffer("group_size", torch.tensor(GROUP, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @staticmethod
+    def supports(in_features: int, out_features: int) -> bool:
+        return in_features % GROUP == 0 and out_features % 16 == 0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
@@ -159,9 +161,14 @@ def quantized_linears(model: nn.Module, kind: str) -> list[str]:
     28M of its 135M weights), and the int4 matmul stays cheap for the few rows a verification
     adds; int8 keeps it in the model dtype, since its matmul costs per block of 4 rows. A
     quantized head is untied from the embedding, which stays in the model dtype (a lookup, and
-    the rows the drafter's shared head reads: runtime.model.lm_head_weight)."""
-    return [name for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and (name.startswith("layers.") or (kind == "int4" and name == "lm_head"))]
+    the rows the drafter's shared head reads: runtime.model.lm_head_weight). A vocabulary
+    that torch's int4 packing cannot take (not a multiple of 16) keeps a float head."""
+    def quantized(name: str, mod: nn.Module) -> bool:
+        if name == "lm_head":
+            return kind == "int4" and Int4Linear.supports(mod.in_features, mod.out_features)
+        return name.startswith("layers.")
+
+    return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and quantized(name, mod)]
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

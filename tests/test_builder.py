@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from redrafter.builder import build as build_mod
 from redrafter.builder.build import BuildOptions, build_engine
 from redrafter.builder.engine import SCHEMA_VERSION, load_engine
-from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_weight
+from conftest import tiny_drafter, tiny_llama
+from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_model, quantize_weight
 from redrafter.builder.tensorrt import TensorRTUnavailable, missing_requirements
 from redrafter.runtime.decoding import Decoder, generate
 from redrafter.runtime.model import lm_head_weight
@@ -323,7 +324,29 @@ def test_int4_quantization_is_groupwise_asymmetric():
     ref_bf16 = x.bfloat16().float() @ ((q.float() - 8) * scale + zero).t() + lin_bf16.bias.float()
     assert torch.allclose(lin_bf16(x.bfloat16()).float(), ref_bf16, rtol=0.02, atol=0.1)
     with pytest.raises(ValueError, match="divisible by 32"):
-        Int4Linear.from_linear(torch.nn.Linear(48, 8))
+        Int4Linear.from_linear(torch.nn.Linear(48, 16))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Int4Linear.from_linear(torch.nn.Linear(64, 8))
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_an_int4_model_drafts_from_float_lm_head_rows_and_stays_lossless(tied):
+    model = tiny_llama(tied, vocab=96)  # torch's int4 packing takes multiples of 16
+    float_head = model.lm_head.weight.clone()
+    head = tiny_drafter(model, head="shared", draft_vocab_size=24)
+    quantize_model(model, "int4")
+    assert isinstance(model.lm_head, Int4Linear)
+    rows = lm_head_weight(model)
+    if tied:  # the embedding it was tied to still holds the float weights
+        assert rows is model.embed.weight and torch.equal(rows, float_head)
+    else:  # dequantized: within half a quantization step of the float weights
+        assert rows.shape == float_head.shape and 0 < (rows - float_head).abs().max() < 0.1
+    prompts = [[1, 5, 9, 2], [7, 3]]
+    plain = generate(Decoder(model, None, max_batch=2, max_seq_len=40), prompts, 12)
+    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, beam_width=3, beam_length=3), prompts, 12)
+    assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
+    odd = quantize_model(tiny_llama(tied, vocab=97), "int4")  # a head the packing cannot take stays float
+    assert isinstance(odd.lm_head, torch.nn.Linear) and isinstance(odd.layers[0].mlp.up, Int4Linear)
 
 
 @pytest.mark.parametrize("kind,dtype", [(Int8Linear, torch.bfloat16), (Int4Linear, torch.bfloat16),
