@@ -6,13 +6,14 @@ int8: per output channel, symmetric. W ~= W_q * scale[:, None] with W_q = round(
 int4: per group of 32 input columns, asymmetric (the layout of llama.cpp's Q4_1, in torch's
 convention): W ~= (q - 8) * scale + zero with q in [0, 15], scale = (max - min) / 15 and
 zero = min + 8 * scale per group. CPU only: torch's int4 matmul for CPUs takes the weight in
-its own packed layout, which is what the engine stores. Decoding at batch 1 on a CPU streams every weight once per step, so bytes
-per weight set its speed: int4 reads about half what int8 does.
+its own packed layout, which is what the engine stores. Decoding at batch 1 on a CPU streams
+every weight once per step, so bytes per weight set its speed: int4 reads about half what int8
+does.
 
-Activations stay in the model dtype; the weight is dequantized inside the matmul. Only the
-decoder blocks' projections are quantized: the embedding (a lookup, which the drafter also
-reads) and the LM head (tied to the embedding in SmolLM2; the drafter's shared head reuses
-it) stay in the model dtype. A quantized engine is a model of its own: ReDrafter greedy on
+Activations stay in the model dtype; the weight is dequantized inside the matmul. The decoder
+blocks' projections are quantized, and with int4 the LM head too (quantized_linears); the
+embedding (a lookup, whose rows the drafter's shared head also reads) stays in the model
+dtype. A quantized engine is a model of its own: ReDrafter greedy on
 it equals plain greedy on it, token for token. The packed CPU matmuls (int8 with bfloat16
 activations, int4) even give each row the bits it gets alone (tests check it), so verifying
 many tokens at once cannot flip a near tie.
