@@ -18,8 +18,10 @@ distillation), so each step is self-consistent even where the text departs from 
 base model would write. kl trains on the soft distribution (cross-entropy to it, i.e. forward
 KL up to a constant): each position then says how sure the teacher is and what it would rank
 second, more signal per cached position where data is what limits the head. The soft targets
-are recomputed from the cached hidden states on the fly, so the cache stays the same. A step counts only when the token it predicts is an assistant token of the same
-sequence (and all earlier steps count).
+are recomputed from the cached hidden states on the fly, so the cache stays the same.
+
+A step counts only when the token it predicts is an assistant token of the same sequence
+(and all earlier steps count).
 """
 from __future__ import annotations
 
