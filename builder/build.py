@@ -72,9 +72,6 @@ def build_engine(options: BuildOptions) -> Path:
     if opts.backend in ("onnx", "tensorrt") and opts.quantize != "none":
         raise ValueError(f"{opts.quantize} engines use torch's weight-only {opts.quantize} matmul, which has no "
                          f"ONNX export: use --backend aoti or eager with --quantize {opts.quantize}")
-    if opts.quantize == "int4" and dev.type != "cpu":
-        raise ValueError("int4 engines run on the CPU only (torch's int4 matmul for CUDA takes another weight "
-                         "layout): build with --device cpu, or use --quantize int8 on a GPU")
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"

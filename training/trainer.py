@@ -194,7 +194,7 @@ def step_losses(logits: Tensor, batch: Batch, rows: Tensor,
         ce = F.cross_entropy(logits.reshape(b * k, v), target.reshape(-1), reduction="none", ignore_index=-100)
         w_loss = w * (target != -100).float()
     else:
-        ce = -(soft.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        ce = F.cross_entropy(logits.reshape(b * k, v), soft.softmax(-1).reshape(b * k, v), reduction="none")
         w_loss = w
     loss = (ce.view(b, k) * w_loss).sum(0) / w_loss.sum(0).clamp(min=1)
     count = w.sum(0)
