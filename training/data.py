@@ -7,7 +7,9 @@ the assistant mask marks the tokens the base model would generate.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,9 @@ def normalize(record: dict) -> list[Message]:
 
 def load_conversations(data: str | Path) -> list[list[Message]]:
     """"sharegpt" (the packaged ShareGPT V3) or a JSONL file of ShareGPT/chat records."""
+    if is_tokenized(data):
+        raise ValueError(f"{str(data)!r} holds tokenized sequences, not conversations: give it to `redrafter train "
+                         "--data`, or give this command the text it was tokenized from")
     if str(data) == "sharegpt":
         from redrafter.datasets import sharegpt_conversations
 
@@ -124,3 +129,79 @@ def tokenize(tokenizer, conversation: list[Message], max_len: int) -> Tokenized:
         if len(ids) >= max_len:
             break
     return Tokenized(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool))
+
+
+# --- pre-tokenized data --------------------------------------------------------------------
+# Tokenizing renders every conversation through the chat template, which is cheap on any CPU,
+# while the teacher pass wants an accelerator. A tokenized file (`redrafter tokenize`) carries
+# the exact token streams of both splits to the machine that trains, without the text.
+
+TOKENIZED_FORMAT = 1
+
+
+def is_tokenized(data: str | Path) -> bool:
+    return str(data).endswith(".npz")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identifies what tokenization depends on: the vocabulary and the chat template."""
+    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    return h.hexdigest()[:16]
+
+
+def save_tokenized(path: str | Path, tokenizer, data: str | Path, seq_len: int, seed: int,
+                   max_samples: int | None = None) -> tuple[int, int]:
+    """Tokenize the seeded train/held-out split of `data` (every conversation, in split order,
+    so --max-samples means the same as on the text) into one .npz; returns (train, held) counts."""
+    path = Path(path)
+    if not is_tokenized(path):
+        raise ValueError(f"--output {str(path)!r} must end in .npz")
+    train, held = split(load_conversations(data), seed)
+    parts = {name: [tokenize(tokenizer, c, seq_len) for c in convs]
+             for name, convs in (("train", train[:max_samples]), ("held", held))}
+    meta = {"format": TOKENIZED_FORMAT, "source": str(data), "seq_len": seq_len, "seed": seed,
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
+    arrays = {"meta": np.array(json.dumps(meta))}
+    for name, seqs in parts.items():
+        arrays[f"{name}_lengths"] = np.array([len(s.ids) for s in seqs], np.int64)
+        arrays[f"{name}_ids"] = np.concatenate([s.ids for s in seqs] or [np.zeros(0, np.int32)])
+        arrays[f"{name}_assistant"] = np.concatenate([s.assistant for s in seqs] or [np.zeros(0, bool)])
+    if len(tokenizer) <= 1 << 16:  # halves the file (and what travels to a training machine)
+        for name in parts:
+            arrays[f"{name}_ids"] = arrays[f"{name}_ids"].astype(np.uint16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return len(parts["train"]), len(parts["held"])
+
+
+def load_tokenized(path: str | Path, tokenizer, seq_len: int, seed: int) -> tuple[list[Tokenized], list[Tokenized]]:
+    """The (train, held-out) sequences of a `redrafter tokenize` file, checked against this run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays["meta"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{str(path)!r} is not a file written by `redrafter tokenize` ({e})") from None
+    if meta.get("format") != TOKENIZED_FORMAT:
+        raise ValueError(f"{str(path)!r} has tokenized-data format {meta.get('format')}; this version reads "
+                         f"{TOKENIZED_FORMAT}: tokenize the data again")
+    for name, want, flag in (("seq_len", seq_len, "--seq-len"), ("seed", seed, "--seed")):
+        if meta[name] != want:
+            raise ValueError(f"{str(path)!r} was tokenized with {flag} {meta[name]}, this run has {want}: "
+                             f"train with {flag} {meta[name]} or tokenize again")
+    if meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise ValueError(f"{str(path)!r} was tokenized with another tokenizer or chat template than the base "
+                         "model's: tokenize the data again with this --base")
+
+    def sequences(name: str) -> list[Tokenized]:
+        bounds = np.cumsum([0, *arrays[f"{name}_lengths"]])
+        ids, assistant = arrays[f"{name}_ids"].astype(np.int32), arrays[f"{name}_assistant"]
+        return [Tokenized(ids[a:b], assistant[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    return sequences("train"), sequences("held")

@@ -25,6 +25,7 @@ import torch
 from .data import Tokenized
 
 _TOKENS_PER_BATCH = 1024
+_TOKENS_PER_BATCH_GPU = 32768
 
 
 @dataclass
@@ -63,8 +64,9 @@ def _batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 
 def build_teacher_cache(base_dir: Path, sequences: list[Tokenized], cache_dir: Path, workers: int = 1,
-                        progress: bool = True) -> TeacherCache:
-    """Compute (or reuse, or finish) the cache for these sequences in cache_dir."""
+                        progress: bool = True, device: str = "cpu") -> TeacherCache:
+    """Compute (or reuse, or finish) the cache for these sequences in cache_dir, running the
+    base model on `device` (on CUDA with TF32 matmuls: the cache stores float16 anyway)."""
     if not sequences or not any(s.assistant.any() for s in sequences):
         raise ValueError("no assistant tokens to train on: the dataset is empty after tokenization")
     cache_dir = Path(cache_dir)
@@ -90,12 +92,12 @@ def build_teacher_cache(base_dir: Path, sequences: list[Tokenized], cache_dir: P
         _write_json(meta_file, meta)
     meta = json.loads(meta_file.read_text())
     if not meta["complete"]:
-        batches = _batches(lengths, _TOKENS_PER_BATCH)
+        batches = _batches(lengths, _TOKENS_PER_BATCH if device == "cpu" else _TOKENS_PER_BATCH_GPU)
         done = _done_batches(cache_dir)
         todo = [b for b in range(len(batches)) if b not in done]
         threads = max(1, torch.get_num_threads() // workers)  # the workers share the threads, not multiply them
         args = [(base_dir, sequences, cache_dir, batches, todo[r::workers], n, hidden_size, threads,
-                 progress and r == 0)
+                 progress and r == 0, device)
                 for r in range(workers)]
         if workers == 1:
             _work(0, *args[0])
@@ -132,7 +134,7 @@ def open_teacher_cache(cache_dir: Path) -> TeacherCache:
     return TeacherCache(
         tokens=np.load(cache_dir / "tokens.npy"), assistant=np.load(cache_dir / "assistant.npy"),
         ends=np.load(cache_dir / "ends.npy"),
-        hidden=np.memmap(cache_dir / "hidden.f16", np.float16, "r", shape=(n, h)),
+        hidden=np.memmap(cache_dir / "hidden.f16", np.float16, "c", shape=(n, h)),  # "c": torch can view it
         argmax=np.array(np.memmap(cache_dir / "argmax.i32", np.int32, "r", shape=(n,))),
     )
 
@@ -145,7 +147,7 @@ def _done_batches(cache_dir: Path) -> set[int]:
 
 
 def _work(rank: int, base_dir: Path, sequences: list[Tokenized], cache_dir: Path, batches: list[list[int]],
-          todo: list[int], n: int, hidden_size: int, threads: int, progress: bool) -> None:
+          todo: list[int], n: int, hidden_size: int, threads: int, progress: bool, device: str = "cpu") -> None:
     """Run the base model over this worker's batches and write hidden states and argmax in place."""
     from tqdm import tqdm
 
@@ -153,7 +155,8 @@ def _work(rank: int, base_dir: Path, sequences: list[Tokenized], cache_dir: Path
     from redrafter.runtime.model import causal_mask
 
     torch.set_num_threads(threads)
-    model, _ = load_base(base_dir)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model, _ = load_base(base_dir, device=device)
     offsets = np.cumsum([0] + [len(s.ids) for s in sequences])
     hidden_mm = np.memmap(cache_dir / "hidden.f16", np.float16, "r+", shape=(n, hidden_size))
     argmax_mm = np.memmap(cache_dir / "argmax.i32", np.int32, "r+", shape=(n,))
@@ -173,7 +176,7 @@ def _work(rank: int, base_dir: Path, sequences: list[Tokenized], cache_dir: Path
             pos = torch.arange(t, device=dev)[None].expand(len(rows), t)
             slots = torch.arange(len(rows), device=dev)
             h = model(ids, pos, cache, slots, torch.zeros_like(slots), causal_mask(len(rows), t, dev))
-            top = model.logits(h).argmax(-1)
+            top = torch.cat([model.logits(part).argmax(-1) for part in h.split(4)])  # bounds the [B, T, V] logits
             for r, i in enumerate(rows):
                 m = len(sequences[i].ids)
                 hidden_mm[offsets[i]: offsets[i] + m] = h[r, :m].to(torch.float16).cpu().numpy()

@@ -68,6 +68,7 @@ class TrainConfig:
     cache_dir: str | None = None     # teacher cache; default: under ~/.cache/redrafter/teacher
     teacher_workers: int = 1
     bf16: bool = False               # bfloat16 autocast for the head (about 2x faster on CPUs with bf16)
+    device: str = "cpu"              # where the teacher pass and the head run (cpu, cuda, cuda:N)
     save_dtype: str = "float32"      # storage dtype of the final weights (float32|float16|bfloat16)
     resume: bool = False
     progress: bool = True
@@ -90,11 +91,15 @@ class TrainConfig:
             raise ValueError("--epochs and --lr must be > 0")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"save dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: this torch build sees no CUDA GPU; train with --device cpu")
 
     def run_key(self) -> dict:
         """The settings a resumed run must share with the run it continues."""
         d = asdict(self)
-        for k in ("resume", "progress", "cache_dir", "teacher_workers", "checkpoint_every", "output"):
+        for k in ("resume", "progress", "cache_dir", "teacher_workers", "checkpoint_every", "output", "device"):
             d.pop(k)
         return d
 
@@ -109,11 +114,17 @@ class Batch:
 
 
 class Positions:
-    """The trainable positions of a teacher cache and the batches drawn from them."""
+    """The trainable positions of a teacher cache and the batches drawn from them.
 
-    def __init__(self, cache, draft_len: int, labels: str):
+    The hidden states are read as a torch view of the memory-mapped cache on the CPU, and are
+    copied whole to an accelerator (float16, 1.1 kB per token at SmolLM2's size), where the
+    batches are then gathered."""
+
+    def __init__(self, cache, draft_len: int, labels: str, device: torch.device = torch.device("cpu")):
         n, k = len(cache), draft_len
         self.cache, self.k = cache, k
+        self.hidden = torch.from_numpy(cache.hidden).to(device)  # [N, H] float16
+        self._order: tuple[int, np.ndarray] | None = None
         tokens = np.concatenate([cache.tokens, np.zeros(k + 1, np.int32)])
         assistant = np.concatenate([cache.assistant, np.zeros(k + 1, bool)])
         t = np.arange(n)
@@ -133,17 +144,22 @@ class Positions:
         return len(self.index)
 
     def order(self, seed: int, epoch: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch]).permutation(self.index)
+        """The epoch's seeded permutation of the positions (kept: every step of the epoch reads it)."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([seed, epoch]).permutation(self.index))
+        return self._order[1]
+
+    def _hidden(self, idx: np.ndarray, device: torch.device) -> Tensor:
+        return self.hidden[torch.from_numpy(idx).to(self.hidden.device)].to(device, torch.float32)
 
     def batch(self, idx: np.ndarray, device: torch.device) -> Batch:
         idx = np.sort(idx)  # sequential reads from the memory-mapped hidden states
         teacher = None
         if self.soft is not None:
             at = self.soft[idx]  # [B, K]
-            teacher = torch.from_numpy(np.asarray(self.cache.hidden[at.reshape(-1)], dtype=np.float32))
-            teacher = teacher.view(*at.shape, -1).to(device)
+            teacher = self._hidden(at.reshape(-1), device).view(*at.shape, -1)
         return Batch(
-            context=torch.from_numpy(np.asarray(self.cache.hidden[idx], dtype=np.float32)).to(device),
+            context=self._hidden(idx, device),
             inputs=torch.from_numpy(self.inputs[idx].astype(np.int64)).to(device),
             labels=torch.from_numpy(self.labels[idx].astype(np.int64)).to(device),
             valid=torch.from_numpy(self.valid[idx]).to(device),
@@ -236,19 +252,24 @@ SHARD_CONVERSATIONS = 4000
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[list], list]:
     """Tokenized training sequences in shards of SHARD_CONVERSATIONS conversations, and the
-    held-out sequences."""
-    from .data import load_conversations, split, tokenize
+    held-out sequences: from text (tokenized here) or from a `redrafter tokenize` file."""
+    from .data import is_tokenized, load_conversations, load_tokenized, split, tokenize
 
-    train_convs, held_convs = split(load_conversations(cfg.data), cfg.seed)
-    train_convs = train_convs[: cfg.max_samples]
+    if is_tokenized(cfg.data):
+        train_seqs, held_seqs = load_tokenized(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
+    else:
+        train_convs, held_convs = split(load_conversations(cfg.data), cfg.seed)
+        train_seqs = [tokenize(tokenizer, c, cfg.seq_len) for c in train_convs[: cfg.max_samples]]
+        held_seqs = [tokenize(tokenizer, c, cfg.seq_len) for c in held_convs[: cfg.eval_samples]]
+    train_seqs, held_seqs = train_seqs[: cfg.max_samples], held_seqs[: cfg.eval_samples]
 
-    def trainable(convs: list) -> list:
-        return [s for s in (tokenize(tokenizer, c, cfg.seq_len) for c in convs) if s.assistant.any()]
+    def trainable(seqs: list) -> list:
+        return [s for s in seqs if s.assistant.any()]
 
-    shards = [trainable(train_convs[i:i + SHARD_CONVERSATIONS])
-              for i in range(0, len(train_convs), SHARD_CONVERSATIONS)]
+    shards = [trainable(train_seqs[i:i + SHARD_CONVERSATIONS])
+              for i in range(0, len(train_seqs), SHARD_CONVERSATIONS)]
     shards = [s for s in shards if s]
-    held = trainable(held_convs[: cfg.eval_samples])
+    held = trainable(held_seqs)
     if not shards:
         raise ValueError(f"no trainable tokens in {cfg.data!r}: every conversation lost its assistant turns "
                          f"within --seq-len {cfg.seq_len}")
@@ -270,7 +291,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
     cfg.validate()
     out = _check_output(cfg)
     t_start = time.time()
-    model, base_dir = load_base(cfg.base)
+    model, base_dir = load_base(cfg.base, device=cfg.device)
     tokenizer = load_tokenizer(base_dir)
     if len(tokenizer) > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the base model's vocabulary is "
@@ -285,11 +306,12 @@ def train(cfg: TrainConfig, stop_after: int | None = None) -> Path:
 
     root = Path(cfg.cache_dir) if cfg.cache_dir else _default_cache_root()
     train_cache = concat_caches([build_teacher_cache(base_dir, seqs, root / fingerprint(base_dir, seqs),
-                                                     cfg.teacher_workers, cfg.progress) for seqs in shards])
+                                                     cfg.teacher_workers, cfg.progress, cfg.device)
+                                 for seqs in shards])
     held_cache = (build_teacher_cache(base_dir, held_seqs, root / fingerprint(base_dir, held_seqs),
-                                      cfg.teacher_workers, cfg.progress) if held_seqs else None)
+                                      cfg.teacher_workers, cfg.progress, cfg.device) if held_seqs else None)
     t_teacher = time.time() - t_start
-    positions = Positions(train_cache, cfg.draft_len, cfg.labels)
+    positions = Positions(train_cache, cfg.draft_len, cfg.labels, embed.device)
     if len(positions) == 0:
         raise ValueError("no trainable positions: the assistant turns are shorter than two tokens")
     steps_per_epoch = math.ceil(len(positions) / cfg.batch_size)
@@ -370,7 +392,7 @@ def evaluate(head: DraftHead, embed: Tensor, out_weight: Tensor | None, cache, c
     """Held-out top-1 agreement with the base model's greedy tokens (what greedy acceptance
     checks, whatever labels trained the head), per step with teacher-forced inputs, and the
     chance the first k drafts are all right, whose sum + 1 estimates tokens per step at W=1."""
-    positions = Positions(cache, cfg.draft_len, "distill")
+    positions = Positions(cache, cfg.draft_len, "distill", embed.device)
     rows = label_rows(head)
     was_training = head.training
     head.eval()
