@@ -15,7 +15,10 @@ from torch import nn
 # engine's safetensors (user-managed, so the forward and draft programs share one copy). Every
 # tensor keeps its module name, small ones too: inlined or renamed, a tensor (the int4 group
 # size, say) would become a constant that no engine file holds.
-INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True}
+# emulate_precision_casts: round where eager rounds (a bf16 tensor cast up to float32, as CPU
+# attention does, keeps its bf16 rounding), so a compiled program computes what its model does.
+INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "always_keep_tensor_constants": True,
+                    "emulate_precision_casts": True}
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -133,3 +133,17 @@ def test_rope_frequencies_stay_float32_in_a_converted_model():
     model = tiny_llama().to(torch.bfloat16)
     assert model.embed.weight.dtype == torch.bfloat16
     assert model.inv_freq.dtype == torch.float32 and torch.equal(model.inv_freq, rope_inv_freq(model.cfg))
+
+
+def test_cpu_attention_runs_in_float32_for_lower_precision_models():
+    """A bf16 model's attention on the CPU is the float32 computation rounded once (torch's
+    bf16 CPU attention is several times slower for one query, and less exact)."""
+    from redrafter.runtime.model import attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 6, 8), torch.randn(2, 20, 2, 8), torch.randn(2, 20, 2, 8)
+    mask = torch.rand(2, 3, 20) > 0.3
+    mask[..., 0] = True
+    low = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(low, attend(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), mask).bfloat16())
