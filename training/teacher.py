@@ -155,7 +155,6 @@ def _work(rank: int, base_dir: Path, sequences: list[Tokenized], cache_dir: Path
     from redrafter.runtime.model import causal_mask
 
     torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = True
     model, _ = load_base(base_dir, device=device)
     offsets = np.cumsum([0] + [len(s.ids) for s in sequences])
     hidden_mm = np.memmap(cache_dir / "hidden.f16", np.float16, "r+", shape=(n, hidden_size))
@@ -164,28 +163,33 @@ def _work(rank: int, base_dir: Path, sequences: list[Tokenized], cache_dir: Path
     cache = model.new_cache(max(len(batches[b]) for b in todo) if todo else 1, longest)
     tokens_todo = sum(len(sequences[i].ids) for b in todo for i in batches[b])
     bar = tqdm(total=tokens_todo, unit="tok", desc="teacher", disable=not progress, mininterval=5)
-    with open(cache_dir / f"done-{rank}-{os.getpid()}.txt", "a") as log, torch.inference_mode():
-        for b in todo:
-            rows = batches[b]
-            t = len(sequences[rows[0]].ids)
-            ids = torch.zeros(len(rows), t, dtype=torch.long)
-            for r, i in enumerate(rows):
-                ids[r, : len(sequences[i].ids)] = torch.from_numpy(sequences[i].ids.astype(np.int64))
-            dev = model.embed.weight.device
-            ids = ids.to(dev)
-            pos = torch.arange(t, device=dev)[None].expand(len(rows), t)
-            slots = torch.arange(len(rows), device=dev)
-            h = model(ids, pos, cache, slots, torch.zeros_like(slots), causal_mask(len(rows), t, dev))
-            top = torch.cat([model.logits(part).argmax(-1) for part in h.split(4)])  # bounds the [B, T, V] logits
-            for r, i in enumerate(rows):
-                m = len(sequences[i].ids)
-                hidden_mm[offsets[i]: offsets[i] + m] = h[r, :m].to(torch.float16).cpu().numpy()
-                argmax_mm[offsets[i]: offsets[i] + m] = top[r, :m].to(torch.int32).cpu().numpy()
-            hidden_mm.flush()
-            argmax_mm.flush()
-            log.write(f"{b}\n")
-            log.flush()
-            bar.update(sum(len(sequences[i].ids) for i in rows))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # CUDA only; restored after (the head may train in this process)
+    try:
+        with open(cache_dir / f"done-{rank}-{os.getpid()}.txt", "a") as log, torch.inference_mode():
+            for b in todo:
+                rows = batches[b]
+                t = len(sequences[rows[0]].ids)
+                ids = torch.zeros(len(rows), t, dtype=torch.long)
+                for r, i in enumerate(rows):
+                    ids[r, : len(sequences[i].ids)] = torch.from_numpy(sequences[i].ids.astype(np.int64))
+                dev = model.embed.weight.device
+                ids = ids.to(dev)
+                pos = torch.arange(t, device=dev)[None].expand(len(rows), t)
+                slots = torch.arange(len(rows), device=dev)
+                h = model(ids, pos, cache, slots, torch.zeros_like(slots), causal_mask(len(rows), t, dev))
+                top = torch.cat([model.logits(part).argmax(-1) for part in h.split(4)])  # bounds the [B, T, V] logits
+                for r, i in enumerate(rows):
+                    m = len(sequences[i].ids)
+                    hidden_mm[offsets[i]: offsets[i] + m] = h[r, :m].to(torch.float16).cpu().numpy()
+                    argmax_mm[offsets[i]: offsets[i] + m] = top[r, :m].to(torch.int32).cpu().numpy()
+                hidden_mm.flush()
+                argmax_mm.flush()
+                log.write(f"{b}\n")
+                log.flush()
+                bar.update(sum(len(sequences[i].ids) for i in rows))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     bar.close()
 
 
