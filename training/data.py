@@ -131,6 +131,14 @@ def tokenize(tokenizer, conversation: list[Message], max_len: int) -> Tokenized:
     return Tokenized(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool))
 
 
+def tokenized_split(tokenizer, data: str | Path, seq_len: int, seed: int, max_train: int | None = None,
+                    max_held: int | None = None) -> tuple[list[Tokenized], list[Tokenized]]:
+    """The seeded (train, held-out) split of `data`, the first max_train / max_held of each tokenized."""
+    train, held = split(load_conversations(data), seed)
+    return ([tokenize(tokenizer, c, seq_len) for c in train[:max_train]],
+            [tokenize(tokenizer, c, seq_len) for c in held[:max_held]])
+
+
 # --- pre-tokenized data --------------------------------------------------------------------
 # Tokenizing renders every conversation through the chat template, which is cheap on any CPU,
 # while the teacher pass wants an accelerator. A tokenized file (`redrafter tokenize`) carries
@@ -157,9 +165,7 @@ def save_tokenized(path: str | Path, tokenizer, data: str | Path, seq_len: int, 
     path = Path(path)
     if not is_tokenized(path):
         raise ValueError(f"--output {str(path)!r} must end in .npz")
-    train, held = split(load_conversations(data), seed)
-    parts = {name: [tokenize(tokenizer, c, seq_len) for c in convs]
-             for name, convs in (("train", train[:max_samples]), ("held", held))}
+    parts = dict(zip(("train", "held"), tokenized_split(tokenizer, data, seq_len, seed, max_samples)))
     meta = {"format": TOKENIZED_FORMAT, "source": str(data), "seq_len": seq_len, "seed": seed,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
     arrays = {"meta": np.array(json.dumps(meta))}

@@ -253,15 +253,14 @@ SHARD_CONVERSATIONS = 4000
 def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[list], list]:
     """Tokenized training sequences in shards of SHARD_CONVERSATIONS conversations, and the
     held-out sequences: from text (tokenized here) or from a `redrafter tokenize` file."""
-    from .data import is_tokenized, load_conversations, load_tokenized, split, tokenize
+    from .data import is_tokenized, load_tokenized, tokenized_split
 
     if is_tokenized(cfg.data):
         train_seqs, held_seqs = load_tokenized(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
+        train_seqs, held_seqs = train_seqs[: cfg.max_samples], held_seqs[: cfg.eval_samples]
     else:
-        train_convs, held_convs = split(load_conversations(cfg.data), cfg.seed)
-        train_seqs = [tokenize(tokenizer, c, cfg.seq_len) for c in train_convs[: cfg.max_samples]]
-        held_seqs = [tokenize(tokenizer, c, cfg.seq_len) for c in held_convs[: cfg.eval_samples]]
-    train_seqs, held_seqs = train_seqs[: cfg.max_samples], held_seqs[: cfg.eval_samples]
+        train_seqs, held_seqs = tokenized_split(tokenizer, cfg.data, cfg.seq_len, cfg.seed, cfg.max_samples,
+                                                cfg.eval_samples)
 
     def trainable(seqs: list) -> list:
         return [s for s in seqs if s.assistant.any()]
