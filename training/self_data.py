@@ -31,7 +31,7 @@ def training_prompts(data: str | Path, seed: int, max_prompt_tokens: int, tokeni
 
 def generate_answers(output: str | os.PathLike, base: str = "default", data: str | Path = "sharegpt",
                      max_samples: int = 1000, max_new_tokens: int = 192, max_prompt_tokens: int = 256,
-                     batch_size: int = 16, seed: int = 0) -> Path:
+                     batch_size: int = 16, seed: int = 0, device: str = "cpu") -> Path:
     """Answer up to max_samples training prompts greedily and append them to `output` (JSONL)."""
     from redrafter.runtime.pipeline import encode_chat
     from redrafter.runtime.session import SamplingParams, Session
@@ -41,11 +41,17 @@ def generate_answers(output: str | os.PathLike, base: str = "default", data: str
     out = Path(output)
     done = set()
     if out.exists():
-        for line in out.read_text(encoding="utf-8").split("\n"):
+        text = out.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):  # a record cut by an interruption: drop it, it is answered again
+            text = text[: text.rfind("\n") + 1]
+            out.write_text(text, encoding="utf-8")
+        for line in text.split("\n"):
             if line.strip():
                 done.add(json.loads(line)["source_index"])
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
     session = Session.load(base=base, drafter=None, max_batch_size=batch_size,
-                           max_seq_len=max_prompt_tokens + 64 + max_new_tokens)
+                           max_seq_len=max_prompt_tokens + 64 + max_new_tokens, device=device)
     try:
         prompts = training_prompts(data, seed, max_prompt_tokens,
                                    lambda text: encode_chat(session.tokenizer, text))[:max_samples]
@@ -55,10 +61,10 @@ def generate_answers(output: str | os.PathLike, base: str = "default", data: str
                                                          desc="self-distillation answers") as bar:
             for start in range(0, len(todo), batch_size * 4):
                 chunk = todo[start:start + batch_size * 4]
-                for (i, prompt), result in zip(chunk, session.generate([p for _, p in chunk], params)):
-                    record = {"source_index": i, "conversations": [
-                        {"from": "human", "value": prompt}, {"from": "gpt", "value": result.text}]}
-                    f.write(json.dumps(record) + "\n")
+                results = session.generate([p for _, p in chunk], params)
+                f.write("".join(json.dumps({"source_index": i, "conversations": [
+                    {"from": "human", "value": prompt}, {"from": "gpt", "value": result.text}]}) + "\n"
+                    for (i, prompt), result in zip(chunk, results)))
                 f.flush()
                 bar.update(len(chunk))
     finally:

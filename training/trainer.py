@@ -49,7 +49,7 @@ CHECKPOINT = "checkpoint"
 class TrainConfig:
     output: str
     base: str = "default"
-    data: str = "sharegpt"
+    data: str | list[str] = "sharegpt"  # one source, or several whose train splits are concatenated
     max_samples: int | None = None   # training conversations (after the held-out split)
     seq_len: int = 512               # tokens kept per conversation
     epochs: float = 1.0              # passes over the trainable positions (fractions allowed)
@@ -91,10 +91,15 @@ class TrainConfig:
             raise ValueError("--epochs and --lr must be > 0")
         if self.save_dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"save dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
+        if not self.sources():
+            raise ValueError("--data needs at least one source ('sharegpt', a JSONL file or a .npz file)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device}: this torch build sees no CUDA GPU; train with --device cpu")
+
+    def sources(self) -> list[str]:
+        return [self.data] if isinstance(self.data, str) else list(self.data)
 
     def run_key(self) -> dict:
         """The settings a resumed run must share with the run it continues."""
@@ -252,26 +257,31 @@ SHARD_CONVERSATIONS = 4000
 
 def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[list], list]:
     """Tokenized training sequences in shards of SHARD_CONVERSATIONS conversations, and the
-    held-out sequences: from text (tokenized here) or from a `redrafter tokenize` file."""
-    from .data import is_tokenized, load_tokenized, tokenized_split
+    held-out sequences: from text (tokenized here) or from a `redrafter tokenize` file.
 
-    if is_tokenized(cfg.data):
-        train_seqs, held_seqs = load_tokenized(cfg.data, tokenizer, cfg.seq_len, cfg.seed)
-        train_seqs, held_seqs = train_seqs[: cfg.max_samples], held_seqs[: cfg.eval_samples]
-    else:
-        train_seqs, held_seqs = tokenized_split(tokenizer, cfg.data, cfg.seq_len, cfg.seed, cfg.max_samples,
-                                                cfg.eval_samples)
+    Several sources (e.g. ShareGPT and the base model's own answers) are split each with the
+    run's seed, --max-samples and --eval-samples applying to each, and sharded each, so a
+    source's teacher cache is the same whether it is trained alone or with others."""
+    from .data import is_tokenized, load_tokenized, tokenized_split
 
     def trainable(seqs: list) -> list:
         return [s for s in seqs if s.assistant.any()]
 
-    shards = [trainable(train_seqs[i:i + SHARD_CONVERSATIONS])
-              for i in range(0, len(train_seqs), SHARD_CONVERSATIONS)]
+    shards, held = [], []
+    for source in cfg.sources():
+        if is_tokenized(source):
+            train_seqs, held_seqs = load_tokenized(source, tokenizer, cfg.seq_len, cfg.seed)
+            train_seqs, held_seqs = train_seqs[: cfg.max_samples], held_seqs[: cfg.eval_samples]
+        else:
+            train_seqs, held_seqs = tokenized_split(tokenizer, source, cfg.seq_len, cfg.seed, cfg.max_samples,
+                                                    cfg.eval_samples)
+        shards += [trainable(train_seqs[i:i + SHARD_CONVERSATIONS])
+                   for i in range(0, len(train_seqs), SHARD_CONVERSATIONS)]
+        held += trainable(held_seqs)
     shards = [s for s in shards if s]
-    held = trainable(held_seqs)
     if not shards:
-        raise ValueError(f"no trainable tokens in {cfg.data!r}: every conversation lost its assistant turns "
-                         f"within --seq-len {cfg.seq_len}")
+        raise ValueError(f"no trainable tokens in {' + '.join(cfg.sources())}: every conversation lost its "
+                         f"assistant turns within --seq-len {cfg.seq_len}")
     return shards, held
 
 
@@ -423,7 +433,14 @@ def export(head: DraftHead, out: Path, cfg: TrainConfig, metrics: dict, history:
         os.replace(tmp / f, out / f)
     shutil.rmtree(tmp)
     _write_json(out / "training_config.json", asdict(cfg))
-    _write_json(out / "metrics.json", metrics | {"history": history})
+    _write_json(out / "metrics.json", metrics | {"history": thin_history(history)})
+
+
+def thin_history(history: list[dict], keep: int = 1000, tail: int = 20) -> list[dict]:
+    """At most about `keep` evenly spaced records plus the last `tail`: a loss curve that
+    ships beside the weights, not one record per step (tens of thousands on a long run)."""
+    stride = max(1, -(-len(history) // keep))
+    return [h for i, h in enumerate(history) if i % stride == 0 or i >= len(history) - tail]
 
 
 def _coverage(head: DraftHead, positions: Positions) -> float:
