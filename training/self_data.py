@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 from pathlib import Path
 
 from tqdm import tqdm
@@ -57,16 +58,31 @@ def generate_answers(output: str | os.PathLike, base: str = "default", data: str
                                    lambda text: encode_chat(session.tokenizer, text))[:max_samples]
         todo = [(i, p) for i, p in prompts if i not in done]
         params = SamplingParams(max_new_tokens=max_new_tokens)
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+
+        def collect(i: int, prompt: str):
+            pieces: list[str] = []
+
+            def on_delta(d) -> None:
+                pieces.append(d.text)
+                if d.finished:
+                    answers.put((i, prompt, "".join(pieces), d.error))
+            return on_delta
+
+        # Every prompt is queued at once and each answer is written as it finishes, so the
+        # session's slots stay full to the end, and an interruption loses only unfinished answers.
+        for i, prompt in todo:
+            session.submit(prompt, params, collect(i, prompt))
         with out.open("a", encoding="utf-8") as f, tqdm(total=len(prompts), initial=len(prompts) - len(todo),
                                                          desc="self-distillation answers") as bar:
-            for start in range(0, len(todo), batch_size * 4):
-                chunk = todo[start:start + batch_size * 4]
-                results = session.generate([p for _, p in chunk], params)
-                f.write("".join(json.dumps({"source_index": i, "conversations": [
-                    {"from": "human", "value": prompt}, {"from": "gpt", "value": result.text}]}) + "\n"
-                    for (i, prompt), result in zip(chunk, results)))
+            for _ in todo:
+                i, prompt, answer, error = answers.get()
+                if error:
+                    raise RuntimeError(f"answering training prompt {i} failed: {error}")
+                f.write(json.dumps({"source_index": i, "conversations": [
+                    {"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]}) + "\n")
                 f.flush()
-                bar.update(len(chunk))
+                bar.update(1)
     finally:
         session.close()
     return out
