@@ -146,6 +146,16 @@ def test_a_tokenized_file_is_checked_against_the_run(tmp_path, tiny_hf_dir, data
 
 # --- objective alignment ---------------------------------------------------------------
 
+def test_the_saved_loss_curve_is_thinned_evenly_and_keeps_its_ends():
+    from redrafter.training.trainer import thin_history
+
+    history = [{"step": i + 1} for i in range(23154)]
+    kept = [h["step"] for h in thin_history(history)]
+    assert kept[0] == 1 and kept[-20:] == list(range(23135, 23155)) and len(kept) <= 1000 + 20
+    assert len({b - a for a, b in zip(kept, kept[1:-20])}) == 1  # evenly spaced before the tail
+    assert thin_history(history[:50]) == history[:50]
+
+
 def test_positions_align_inputs_and_labels_with_inference():
     # One sequence of 8 tokens y = 10..17; assistant tokens from index 3; teacher argmax a_t = 100 + t.
     n = 8
@@ -480,3 +490,5 @@ def test_self_data_answers_training_prompts_with_the_base_models_own_greedy_outp
     assert len({r["source_index"] for r in again}) == 5
     with pytest.raises(ValueError, match="must be >= 1"):
         generate_answers(out, base=str(base), data=str(data_file), max_samples=0)
+    with pytest.raises(ValueError, match="--device must be cpu or cuda"):
+        generate_answers(out, base=str(base), data=str(data_file), device="tpu")
