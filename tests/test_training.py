@@ -385,7 +385,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_hf_dir, data_file, monkeypa
     with pytest.raises(ValueError, match="--device must be cpu or cuda"):
         train(_config(tmp_path, base, data_file, "e6", device="tpu"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match="sees no CUDA GPU; train with --device cpu"):
+    with pytest.raises(ValueError, match="sees no CUDA GPU; run with --device cpu"):
         train(_config(tmp_path, base, data_file, "e7", device="cuda"))
 
 
@@ -462,7 +462,8 @@ def test_a_trained_head_drafts_the_base_models_habit(tmp_path, smollm2_dir):
 
 # --- self-distillation data ---------------------------------------------------------------
 
-def test_self_data_answers_training_prompts_with_the_base_models_own_greedy_output(tmp_path, tiny_hf_dir, data_file):
+def test_self_data_answers_training_prompts_with_the_base_models_own_greedy_output(tmp_path, tiny_hf_dir, data_file,
+                                                                                    monkeypatch):
     from redrafter.runtime.decoding import Decoder, generate
     from redrafter.runtime.pipeline import load
     from redrafter.training.self_data import generate_answers
@@ -492,3 +493,6 @@ def test_self_data_answers_training_prompts_with_the_base_models_own_greedy_outp
         generate_answers(out, base=str(base), data=str(data_file), max_samples=0)
     with pytest.raises(ValueError, match="--device must be cpu or cuda"):
         generate_answers(out, base=str(base), data=str(data_file), device="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="sees no CUDA GPU; run with --device cpu"):
+        generate_answers(out, base=str(base), data=str(data_file), device="cuda")

@@ -17,16 +17,20 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .data import load_conversations, split
+from .trainer import check_device
 
 
-def training_prompts(data: str | Path, seed: int, max_prompt_tokens: int, tokenizer_encode) -> list[tuple[int, str]]:
-    """(index, first user turn) of the training split whose rendered prompt fits max_prompt_tokens."""
+def training_prompts(data: str | Path, seed: int, max_prompt_tokens: int,
+                     tokenizer_encode) -> list[tuple[int, str, list[int]]]:
+    """(index, first user turn, its rendered prompt's ids) of the training split, for the
+    prompts that fit max_prompt_tokens."""
     train, _ = split(load_conversations(data), seed)
     out = []
     for i, conv in enumerate(train):
         first = next((m["content"] for m in conv if m["role"] == "user"), None)
-        if first and len(tokenizer_encode(first)) <= max_prompt_tokens:
-            out.append((i, first))
+        ids = tokenizer_encode(first) if first else []
+        if ids and len(ids) <= max_prompt_tokens:
+            out.append((i, first, ids))
     return out
 
 
@@ -49,14 +53,13 @@ def generate_answers(output: str | os.PathLike, base: str = "default", data: str
         for line in text.split("\n"):
             if line.strip():
                 done.add(json.loads(line)["source_index"])
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    check_device(device)
     session = Session.load(base=base, drafter=None, max_batch_size=batch_size,
                            max_seq_len=max_prompt_tokens + 64 + max_new_tokens, device=device)
     try:
         prompts = training_prompts(data, seed, max_prompt_tokens,
                                    lambda text: encode_chat(session.tokenizer, text))[:max_samples]
-        todo = [(i, p) for i, p in prompts if i not in done]
+        todo = [(i, p, ids) for i, p, ids in prompts if i not in done]
         params = SamplingParams(max_new_tokens=max_new_tokens)
         answers: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -71,8 +74,8 @@ def generate_answers(output: str | os.PathLike, base: str = "default", data: str
 
         # Every prompt is queued at once and each answer is written as it finishes, so the
         # session's slots stay full to the end, and an interruption loses only unfinished answers.
-        for i, prompt in todo:
-            session.submit(prompt, params, collect(i, prompt))
+        for i, prompt, ids in todo:  # the ids, encoded once above
+            session.submit(ids, params, collect(i, prompt))
         with out.open("a", encoding="utf-8") as f, tqdm(total=len(prompts), initial=len(prompts) - len(todo),
                                                          desc="self-distillation answers") as bar:
             for _ in todo:

@@ -163,6 +163,7 @@ def _work(rank: int, base_dir: Path, sequences: list[Tokenized], cache_dir: Path
     cache = model.new_cache(max(len(batches[b]) for b in todo) if todo else 1, longest)
     tokens_todo = sum(len(sequences[i].ids) for b in todo for i in batches[b])
     bar = tqdm(total=tokens_todo, unit="tok", desc="teacher", disable=not progress, mininterval=5)
+    dev = model.embed.weight.device
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True  # CUDA only; restored after (the head may train in this process)
     try:
@@ -173,7 +174,6 @@ def _work(rank: int, base_dir: Path, sequences: list[Tokenized], cache_dir: Path
                 ids = torch.zeros(len(rows), t, dtype=torch.long)
                 for r, i in enumerate(rows):
                     ids[r, : len(sequences[i].ids)] = torch.from_numpy(sequences[i].ids.astype(np.int64))
-                dev = model.embed.weight.device
                 ids = ids.to(dev)
                 pos = torch.arange(t, device=dev)[None].expand(len(rows), t)
                 slots = torch.arange(len(rows), device=dev)

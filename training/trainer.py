@@ -93,10 +93,7 @@ class TrainConfig:
             raise ValueError(f"save dtype must be float32, float16 or bfloat16, got {self.save_dtype!r}")
         if not self.sources():
             raise ValueError("--data needs at least one source ('sharegpt', a JSONL file or a .npz file)")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"--device must be cpu or cuda[:N], got {self.device!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device}: this torch build sees no CUDA GPU; train with --device cpu")
+        check_device(self.device)
 
     def sources(self) -> list[str]:
         return [self.data] if isinstance(self.data, str) else list(self.data)
@@ -107,6 +104,14 @@ class TrainConfig:
         for k in ("resume", "progress", "cache_dir", "teacher_workers", "checkpoint_every", "output", "device"):
             d.pop(k)
         return d
+
+
+def check_device(device: str) -> None:
+    """Where training and self-data run: the CPU, or a CUDA GPU that this torch build sees."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build sees no CUDA GPU; run with --device cpu")
 
 
 @dataclass
