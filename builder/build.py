@@ -31,7 +31,10 @@ class BuildOptions(EngineOptions):
     progress: bool = True
 
     def engine_options(self) -> EngineOptions:
-        return EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
+        opts = EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
+        if opts.draft_quantize is None:
+            opts.draft_quantize = "none" if opts.plugin_ops or opts.backend != "aoti" else opts.quantize
+        return opts
 
 
 class Stages:
@@ -186,12 +189,14 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
         if head is not None:
             dargs, dshapes = draft_examples(model, opts.max_batch_size)
             stages.run("compile draft (AOTInductor)", lambda: compile_aoti(
-                DraftBeams(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops), dargs, dshapes,
+                DraftBeams(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops, opts.draft_quantize),
+                dargs, dshapes,
                 tmp / PROGRAMS_DIR / "draft.pt2"))
             programs["draft"] = f"{PROGRAMS_DIR}/draft.pt2"
             sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
             stages.run("compile step (AOTInductor)", lambda: compile_aoti(
-                SpeculativeStep(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops), sargs, sshapes,
+                SpeculativeStep(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops,
+                                quantize=opts.draft_quantize), sargs, sshapes,
                 tmp / PROGRAMS_DIR / "step.pt2"))
             programs["step"] = f"{PROGRAMS_DIR}/step.pt2"
         else:

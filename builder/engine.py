@@ -58,6 +58,10 @@ class EngineOptions:
     device: str = "cpu"
     backend: str = "aoti"
     plugin_ops: bool = False  # aoti: the draft program calls redrafter::beam_draft (Triton on CUDA)
+    # The draft head's quantization in the aoti draft and step programs. None when building:
+    # the engine's quantize (none with plugin_ops, whose op takes float weights). Engines built
+    # before it existed lack it: their programs draft in float.
+    draft_quantize: str | None = None
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -71,6 +75,9 @@ class EngineOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.draft_quantize not in ((None, "none") if self.plugin_ops else (None, "none", self.quantize)):
+            raise ValueError(f"draft_quantize {self.draft_quantize!r} must be 'none' or, without plugin ops, the "
+                             f"engine's quantize ({self.quantize!r})")
         if self.plugin_ops and self.backend != "aoti":
             raise ValueError(f"plugin ops inside programs need the aoti backend, not {self.backend!r} "
                              "(ONNX exports of the plugin ops are in redrafter.plugins.onnx)")
@@ -264,10 +271,11 @@ def _load_programs(engine: Engine) -> Programs:
 
         m, head, w, l = engine.model, engine.drafter, o.beam_width, o.beam_length
         out = Programs(forward=load_aoti(fwd_file, BaseForward(m)))
+        q = o.draft_quantize or "none"
         if path("draft"):
-            out.draft = dense(load_aoti(path("draft"), DraftBeams(m, head, w, l, o.plugin_ops)))
+            out.draft = dense(load_aoti(path("draft"), DraftBeams(m, head, w, l, o.plugin_ops, q)))
         if path("step"):
-            out.step = dense(load_aoti(path("step"), SpeculativeStep(m, head, w, l, o.plugin_ops)))
+            out.step = dense(load_aoti(path("step"), SpeculativeStep(m, head, w, l, o.plugin_ops, quantize=q)))
         return out
     if o.backend == "onnx":
         from .export_onnx import OrtDraft, OrtForward, OrtStep

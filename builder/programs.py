@@ -67,25 +67,39 @@ class BaseForward(nn.Module):
 
 class DraftBeams(nn.Module):
     """Exportable beam drafting: the recurrent head plus the base embedding (and LM head for
-    a shared-head drafter), which the engine shares with the base model."""
+    a shared-head drafter), which the engine shares with the base model. With quantize (int8
+    or int4; not with plugin_ops, whose op takes float weights) it drafts with a quantized
+    copy of the head and of its projection (builder.quantize.quantize_drafter), made from the
+    engine's weights at build and at load alike."""
 
-    def __init__(self, model: Llama, head: DraftHead, width: int, length: int, plugin_ops: bool = False):
+    def __init__(self, model: Llama, head: DraftHead, width: int, length: int, plugin_ops: bool = False,
+                 quantize: str = "none"):
         super().__init__()
-        self.head, self.embed, self.plugin_ops = head, model.embed, plugin_ops
+        self.embed, self.plugin_ops = model.embed, plugin_ops
         shared = head.cfg.head == "shared"
-        float_head = isinstance(model.lm_head, nn.Linear)
-        self.lm_head = model.lm_head if shared and head.draft_vocab is None and float_head else None
-        if shared and self.lm_head is None:
+        rows = head.output_weight(lm_head_weight(model)) if shared else None
+        self.lm_head = self.draft_proj = None
+        if quantize != "none" and not plugin_ops:
+            from .quantize import quantize_drafter
+
+            head, self.draft_proj = quantize_drafter(head, rows, quantize)
+        self.head = head
+        if shared and self.draft_proj is None and head.draft_vocab is None and isinstance(model.lm_head, nn.Linear):
+            self.lm_head = model.lm_head
+        if shared and self.draft_proj is None and self.lm_head is None:
             # The draft vocabulary's rows (or a quantized head's float weights), gathered here
             # once (at build and at load, from the engine's weights) rather than at every call.
-            self.register_buffer("draft_lm_head", head.output_weight(lm_head_weight(model)), persistent=False)
+            self.register_buffer("draft_lm_head", rows, persistent=False)
         else:
             self.draft_lm_head = None
         self.width, self.length = width, length
         self.train(False)
 
     def forward(self, context: Tensor, first_token: Tensor) -> Tensor:
-        base_head = self.lm_head.weight if self.lm_head is not None else self.draft_lm_head
+        if self.draft_proj is not None:
+            base_head = self.draft_proj
+        else:
+            base_head = self.lm_head.weight if self.lm_head is not None else self.draft_lm_head
         if self.plugin_ops:  # one redrafter::beam_draft node (AOTInductor calls the registered op)
             from redrafter.plugins import ops
 
@@ -104,12 +118,12 @@ class SpeculativeStep(nn.Module):
     and also returns the updated caches."""
 
     def __init__(self, model: Llama, head: DraftHead, width: int, length: int, plugin_ops: bool = False,
-                 functional: bool = False):
+                 functional: bool = False, quantize: str = "none"):
         super().__init__()
         from redrafter.plugins import ops  # noqa: F401  (registers pack_beams, packed_attention, kv_commit)
 
         self.model, self.functional = model, functional
-        self.draft = DraftBeams(model, head, width, length, plugin_ops)
+        self.draft = DraftBeams(model, head, width, length, plugin_ops, quantize)
         self.train(False)
 
     def forward(self, context: Tensor, first_token: Tensor, k: Tensor, v: Tensor, slots: Tensor,

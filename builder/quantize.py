@@ -1,4 +1,4 @@
-"""Weight-only quantization of the base model's Linear layers.
+"""Weight-only quantization of the base model's (and the draft head's) Linear layers.
 
 int8: per output channel, symmetric. W ~= W_q * scale[:, None] with W_q = round(W / scale) in
 [-127, 127] and scale = max|W_row| / 127. CPU and GPU.
@@ -13,10 +13,11 @@ does.
 Activations stay in the model dtype; the weight is dequantized inside the matmul. The decoder
 blocks' projections are quantized, and with int4 the LM head too (quantized_linears); the
 embedding (a lookup, whose rows the drafter's shared head also reads) stays in the model
-dtype. A quantized engine is a model of its own: ReDrafter greedy on
+dtype. The compiled draft program drafts with a quantized copy of the draft head
+(quantize_drafter). A quantized engine is a model of its own: in fp32, ReDrafter greedy on
 it equals plain greedy on it, token for token. The packed CPU matmuls (int8 with bfloat16
-activations, int4) even give each row the bits it gets alone (tests check it), so verifying
-many tokens at once cannot flip a near tie.
+activations, int4) even give each row the bits it gets alone (tests check it); in bfloat16
+attention still rounds a multi-token verification differently (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -171,6 +172,32 @@ def quantized_linears(model: nn.Module, kind: str) -> list[str]:
         return name.startswith("layers.")
 
     return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and quantized(name, mod)]
+
+
+def quantize_drafter(head: nn.Module, rows: Tensor | None, kind: str) -> tuple[nn.Module, nn.Module | None]:
+    """A `kind`-quantized copy of a draft head (runtime.drafter.DraftHead) and, for a shared
+    head, a quantized projection onto `rows` (head.output_weight of the base LM head, [Vd, H]).
+
+    A draft step is GEMVs over weights read once per step, as a decode step is: in bfloat16
+    the shipped SmolLM2 drafter's step reads about 17 MB (ResBlocks 5.3 MB, the 8,192-row
+    projection 9.4 MB), more than a fifth of what an int4 decode step reads. Drafts only
+    propose; the base model verifies every token, so this changes speed, never the output.
+    Layers torch's int4 packing cannot take stay float (int8 takes every shape)."""
+    import copy
+
+    cls = QUANTIZED[kind]
+    head = copy.deepcopy(head)
+    for name, mod in list(head.named_modules()):
+        if isinstance(mod, nn.Linear) and (kind == "int8" or Int4Linear.supports(mod.in_features, mod.out_features)):
+            _replace(head, name, cls.from_linear(mod))
+    if rows is None:
+        return head, None
+    out_f, in_f = rows.shape
+    if kind == "int4" and not Int4Linear.supports(in_f, out_f):
+        return head, None
+    proj = nn.Linear(in_f, out_f, bias=False, device=rows.device, dtype=rows.dtype)
+    proj.weight = nn.Parameter(rows.detach(), requires_grad=False)
+    return head, cls.from_linear(proj)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -7,7 +7,7 @@ draft_len_per_beam is L-1.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .drafter import DraftHead
 
@@ -16,13 +16,13 @@ from .drafter import DraftHead
 _DEAD = -1e9
 
 
-def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | None, context: Tensor,
+def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | nn.Module | None, context: Tensor,
                 first_token: Tensor, width: int, length: int,
                 return_log_probs: bool = False) -> tuple[Tensor, Tensor | None]:
     """Propose `width` beams of `length` tokens for each sequence.
 
     embed: base input embedding [V, H]; base_lm_head: head.output_weight(base LM head)
-    [Vd, H] for a shared head (computed once by the caller);
+    [Vd, H] for a shared head (computed once by the caller), or a module multiplying by it;
     context: hidden state at the last accepted token [B, H]; first_token: the guaranteed
     next token [B]. Scores are cumulative log-probabilities (no length normalisation);
     the first step expands beam 0 only, since all beams start identical.

@@ -130,11 +130,12 @@ class DraftHead(nn.Module):
             return F.silu(self.rnn_w(token_emb) + self.rnn_u(state))
         return state + token_emb
 
-    def logits(self, context: Tensor, state: Tensor, base_lm_head: Tensor | None) -> Tensor:
+    def logits(self, context: Tensor, state: Tensor, base_lm_head: Tensor | nn.Module | None) -> Tensor:
         """Draft logits [..., Vd] (over the draft vocabulary) from the base hidden state and the
         recurrent state.
 
-        base_lm_head: `output_weight(...)` of the base model's LM head (shared head only).
+        base_lm_head (shared head only): `output_weight(...)` of the base model's LM head, or a
+        module multiplying by it (a quantized engine's copy, builder.quantize.quantize_drafter).
         """
         z = torch.cat((context.expand_as(state), state), dim=-1)
         if self.input_proj is not None:
@@ -143,7 +144,7 @@ class DraftHead(nn.Module):
         if self.cfg.head == "shared":
             if base_lm_head is None:
                 raise ValueError("a shared-head drafter needs the base model's LM head weight")
-            z = z @ base_lm_head.t()
+            z = base_lm_head(z) if isinstance(base_lm_head, nn.Module) else z @ base_lm_head.t()
         return z.float()
 
 

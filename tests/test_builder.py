@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from redrafter.builder import build as build_mod
 from redrafter.builder.build import BuildOptions, build_engine
 from redrafter.builder.engine import SCHEMA_VERSION, load_engine
+from redrafter.builder.programs import DraftBeams
 from conftest import tiny_drafter, tiny_llama
 from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_model, quantize_weight
 from redrafter.builder.tensorrt import TensorRTUnavailable, missing_requirements
@@ -56,7 +57,7 @@ def test_engine_directory_is_complete_and_checksummed(build):
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["format"] == "redrafter-engine" and cfg["schema_version"] == SCHEMA_VERSION
     assert cfg["base"]["vocab_size"] == cfg["drafter"]["vocab_size"] == 49152
-    assert cfg["build"]["backend"] == "aoti" and cfg["build"]["quantize"] == "none"
+    assert cfg["build"]["backend"] == "aoti" and cfg["build"]["quantize"] == cfg["build"]["draft_quantize"] == "none"
     assert cfg["build"]["beam_width"] == 3 and cfg["build"]["max_seq_len"] == MAX_SEQ_LEN
     files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"config.json"}
     assert set(cfg["files"]) == files
@@ -248,11 +249,38 @@ def test_int4_engine_is_lossless_wrt_its_own_plain_decoding(build):
     # The LM head is in 4 bits too, untied from the float embedding, whose rows the drafter reads.
     assert state["lm_head.weight"].dtype == torch.uint8 and state["embed.weight"].dtype == torch.float32
     assert greedy(path) == greedy(path, speculative=False)
-    model = load_engine(path).model
+    e = load_engine(path)
+    assert e.options.draft_quantize == "int4"
+    model = e.model
     assert isinstance(model.layers[0].mlp.up, Int4Linear) and isinstance(model.lm_head, Int4Linear)
+    # The draft program drafts with the int4 copy of the head, made again at load.
+    torch.manual_seed(0)
+    context, first = torch.randn(2, model.cfg.hidden_size), torch.tensor([5, 7])
+    drafts = {q: DraftBeams(model, e.drafter, 3, 4, quantize=q)(context, first) for q in ("int4", "none")}
+    assert torch.equal(e.programs().draft(context, first), drafts["int4"])
+    assert not torch.equal(drafts["int4"], drafts["none"])
     assert lm_head_weight(model) is model.embed.weight
     deq = model.lm_head.dequantized_weight()
     assert deq.shape == model.embed.weight.shape and 0 < (deq - model.embed.weight).abs().max() < 0.1
+
+
+def test_an_engine_from_before_quantized_drafting_still_drafts_in_float(tiny_hf_dir, tmp_path):
+    """Engines record the draft head's quantization; one without the record (built before it
+    existed) has float draft programs and loads them as such."""
+    base, drafter = tiny_hf_dir
+    path = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, quantize="int8",
+                                     draft_quantize="none", beam_width=3, beam_length=4, max_batch_size=2,
+                                     max_seq_len=MAX_SEQ_LEN, progress=False))
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["build"]["draft_quantize"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    e = load_engine(path)
+    torch.manual_seed(0)
+    context, first = torch.randn(1, e.model.cfg.hidden_size), torch.tensor([5])
+    assert torch.equal(e.programs().draft(context, first), DraftBeams(e.model, e.drafter, 3, 4)(context, first))
+    assert greedy(path) == greedy(path, speculative=False)
+    with pytest.raises(ValueError, match="draft_quantize 'int4' must be 'none' or"):
+        BuildOptions(output="x", quantize="int8", draft_quantize="int4").engine_options().validate()
 
 
 def test_int8_engine_is_lossless_wrt_its_own_plain_decoding(build):
@@ -347,6 +375,37 @@ def test_an_int4_model_drafts_from_float_lm_head_rows_and_stays_lossless(tied):
     assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
     odd = quantize_model(tiny_llama(tied, vocab=97), "int4")  # a head the packing cannot take stays float
     assert isinstance(odd.lm_head, torch.nn.Linear) and isinstance(odd.layers[0].mlp.up, Int4Linear)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("head_kind,draft_vocab", [("shared", 32), ("shared", 24), ("own", 0)])
+def test_a_quantized_engine_drafts_with_a_quantized_copy_of_its_head(kind, head_kind, draft_vocab):
+    """Drafts only propose, so a quantized engine drafts with a quantized head (a draft step
+    reads the head's weights as a decode step reads the model's): close to the float head's
+    logits, and still lossless."""
+    model = tiny_llama(True, vocab=96)
+    head = tiny_drafter(model, head=head_kind, draft_vocab_size=draft_vocab)
+    quantize_model(model, kind)
+    draft = DraftBeams(model, head, 3, 3, quantize=kind)
+    cls = Int8Linear if kind == "int8" else Int4Linear
+    assert all(isinstance(r.linear, cls) for r in list(draft.head.lm_head)[:-1])
+    assert isinstance(draft.head.rnn_w, cls) and isinstance(head.rnn_w, torch.nn.Linear)  # the engine's own stays float
+    # torch's int4 packing needs 16 | rows: a 24-id draft vocabulary keeps its projection float.
+    packable = head_kind == "shared" and (kind == "int8" or draft_vocab % 16 == 0)
+    assert isinstance(draft.draft_proj, cls) if packable else draft.draft_proj is None
+    torch.manual_seed(2)
+    context, state = torch.randn(5, 64), torch.randn(5, 64)
+    rows = head.output_weight(lm_head_weight(model))
+    ref = head.logits(context, state, rows)
+    got = draft.head.logits(context, state, draft.draft_proj if packable else rows)
+    # Relative error of the logits: about 1% in 8 bits and 11% in 4 (16 levels over these
+    # Gaussian weights' range).
+    assert ref.shape == got.shape and 0 < (got - ref).norm() / ref.norm() < {"int8": 0.03, "int4": 0.2}[kind]
+    prompts = [[1, 5, 9, 2], [7, 3]]
+    plain = generate(Decoder(model, None, max_batch=2, max_seq_len=40), prompts, 12)
+    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, beam_width=3, beam_length=3, draft=draft),
+                    prompts, 12)
+    assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
 
 
 @pytest.mark.parametrize("kind,dtype", [(Int8Linear, torch.bfloat16), (Int4Linear, torch.bfloat16),
