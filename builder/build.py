@@ -164,6 +164,8 @@ def _convert(model, opts: EngineOptions):
         from .quantize import quantize_model
 
         quantize_model(model, opts.quantize)
+    if opts.exact_attention:
+        model.exact_attention()
     return model.to(opts.torch_dtype)
 
 
@@ -184,7 +186,7 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
         # constants are bound from those tensors, so a dtype or layout drift shows here.
         stages.run("verify forward against eager", lambda: verify_engine_forward(
             tmp, model.cfg, opts.quantize, opts.torch_dtype, str(dev), forward, opts.max_batch_size,
-            capacity, static_span(dev, capacity)))
+            capacity, static_span(dev, capacity), opts.exact_attention))
         programs["forward"] = f"{PROGRAMS_DIR}/forward.pt2"
         if head is not None:
             dargs, dshapes = draft_examples(model, opts.max_batch_size)

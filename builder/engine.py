@@ -62,6 +62,7 @@ class EngineOptions:
     # the engine's quantize (none with plugin_ops, whose op takes float weights). Engines built
     # before it existed lack it: their programs draft in float.
     draft_quantize: str | None = None
+    exact_attention: bool = False  # attention in float64 (Llama.exact_attention)
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -75,6 +76,9 @@ class EngineOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.exact_attention and self.plugin_ops:
+            raise ValueError("exact attention (float64) is not available with plugin ops, whose packed_attention "
+                             "op attends in the model dtype: drop one of them")
         if self.draft_quantize not in ((None, "none") if self.plugin_ops else (None, "none", self.quantize)):
             raise ValueError(f"draft_quantize {self.draft_quantize!r} must be 'none' or, without plugin ops, the "
                              f"engine's quantize ({self.quantize!r})")
@@ -149,7 +153,7 @@ def read_config(path: Path, verify: bool = True) -> dict[str, Any]:
 
 
 def load_base_weights(path: Path, cfg: LlamaConfig, quantize: str, dtype: torch.dtype,
-                      device: torch.device) -> Llama:
+                      device: torch.device, exact_attention: bool = False) -> Llama:
     """The base model from base.safetensors (quantized block projections when built so)."""
     from .quantize import empty_quantized
 
@@ -175,6 +179,8 @@ def load_base_weights(path: Path, cfg: LlamaConfig, quantize: str, dtype: torch.
     for p in model.parameters():
         if p.dtype.is_floating_point and p.dtype != dtype:
             raise ValueError(f"{BASE_WEIGHTS} holds {p.dtype} weights but the engine says {dtype}: rebuild it")
+    if exact_attention:
+        model.exact_attention()
     return model.eval().requires_grad_(False)
 
 
@@ -302,7 +308,7 @@ def load_engine(path: str | os.PathLike, device: str | torch.device | None = Non
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("this engine runs on cuda but no CUDA device is available: rebuild it with --device cpu")
     base_cfg = LlamaConfig(**cfg["base"])
-    model = load_base_weights(path, base_cfg, options.quantize, options.torch_dtype, dev)
+    model = load_base_weights(path, base_cfg, options.quantize, options.torch_dtype, dev, options.exact_attention)
     drafter = None
     if cfg.get("drafter") is not None:
         drafter = load_drafter_weights(path, DrafterConfig.from_json(cfg["drafter"]), dev)

@@ -110,22 +110,22 @@ def verify_forward(path: Path, model, max_batch: int, capacity: int, span: int |
 
 
 def verify_engine_forward(engine_dir: Path, cfg, quantize: str, dtype: torch.dtype, device: str, path: Path,
-                          max_batch: int, capacity: int, span: int | None) -> None:
+                          max_batch: int, capacity: int, span: int | None, exact_attention: bool = False) -> None:
     """verify_forward against the model as the runtime will load it from the engine's files, in
     a fresh process: some torch builds' AOTInductor loaders crash the process outright (torch
     2.11.0+cu130 on an H100 VM segfaulted loading any CUDA package, even one nn.Linear), and a
     crash must end the build with a clear error, not take the builder down with it."""
     run_isolated(_verify_from_files, engine_dir, cfg, quantize, dtype, device, path, max_batch, capacity, span,
-                 crash=f"loading the compiled program {path.name} crashed the process ({{how}}): AOTInductor in "
+                 exact_attention, crash=f"loading the compiled program {path.name} crashed the process ({{how}}): AOTInductor in "
                        f"this torch build ({torch.__version__}) could not load it on {device} (torch 2.11.0+cu130 "
                        "on an H100 segfaulted so on every CUDA package); build with --backend eager")
 
 
 def _verify_from_files(engine_dir: Path, cfg, quantize: str, dtype: torch.dtype, device: str, path: Path,
-                       max_batch: int, capacity: int, span: int | None) -> None:
+                       max_batch: int, capacity: int, span: int | None, exact_attention: bool) -> None:
     from .engine import load_base_weights
 
-    verify_forward(path, load_base_weights(engine_dir, cfg, quantize, dtype, torch.device(device)),
+    verify_forward(path, load_base_weights(engine_dir, cfg, quantize, dtype, torch.device(device), exact_attention),
                    max_batch, capacity, span)
 
 

@@ -166,15 +166,15 @@ class TreeMask:
     mask: Tensor
 
 
-def attend(q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor) -> Tensor:
+def attend(q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor, work: torch.dtype | None = None) -> Tensor:
     """Masked GQA attention: q [B, T, heads, d], keys/vals [B, S, kv_heads, d], mask [B, T, S]
-    -> [B, T, heads, d].
+    -> [B, T, heads, d], computed in `work` (Llama.exact_attention: float64).
 
-    On the CPU it runs in float32 whatever the model dtype. Measured on the project's CPU
+    By default on the CPU it runs in float32 whatever the model dtype. Measured on the project's CPU
     (torch 2.13, 2 threads, SmolLM2's 9/3 heads): bfloat16 attention takes 195 us for one query
     over 300 keys against 29 us in float32 (350 vs 51 at 600 keys), and is no faster for 2-4
     queries. Over 30 layers that is most of a bf16 decode step's cost beyond its matmuls."""
-    work = torch.float32 if q.device.type == "cpu" else q.dtype
+    work = work or (torch.float32 if q.device.type == "cpu" else q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2).to(work), keys.transpose(1, 2).to(work), vals.transpose(1, 2).to(work),
         attn_mask=mask[:, None], enable_gqa=q.shape[2] != keys.shape[2],
@@ -213,6 +213,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.wv = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.work_dtype: torch.dtype | None = None  # attend's; Llama.exact_attention sets float64
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], layer: int, cache: KVCache,
                 rows: Tensor, write_pos: Tensor, mask: Tensor | TreeMask) -> Tensor:
@@ -237,7 +238,7 @@ class Attention(nn.Module):
         s = mask.shape[-1]
         keys = cache.k[layer, :, :s].index_select(0, rows[:, 0])  # [B, S, kv, d]
         vals = cache.v[layer, :, :s].index_select(0, rows[:, 0])
-        return rows_linear(self.wo, attend(q, keys, vals, mask).reshape(b, t, -1))
+        return rows_linear(self.wo, attend(q, keys, vals, mask, self.work_dtype).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -286,6 +287,17 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def exact_attention(self) -> "Llama":
+        """Attend in float64 from now on, so that verifying T tokens at once gives each token the
+        bits it gets decoded alone wherever the matmuls do too (builder.quantize's packed int8 and
+        int4 CPU matmuls): a bf16 engine's ReDrafter output then equals its own plain decoding.
+        In float32 the attention of 1 and of T queries differs by a few ulps, which bf16 rounding
+        of the hidden states turns into different tokens. Costs 20% of plain decoding speed on
+        the int4 SmolLM2 engine (BENCHMARKS.md). Not for the redrafter::packed_attention op."""
+        for block in self.layers:
+            block.attn.work_dtype = torch.float64
+        return self
 
     def _apply(self, fn, recurse: bool = True):
         """.to(dtype) and friends leave the RoPE frequencies in float32 (as transformers does):

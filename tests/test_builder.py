@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 from safetensors.torch import load_file
 
 from redrafter.builder import build as build_mod
@@ -20,7 +21,7 @@ from conftest import tiny_drafter, tiny_llama
 from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_model, quantize_weight
 from redrafter.builder.tensorrt import TensorRTUnavailable, missing_requirements
 from redrafter.runtime.decoding import Decoder, generate
-from redrafter.runtime.model import lm_head_weight
+from redrafter.runtime.model import causal_mask, lm_head_weight
 
 MAX_SEQ_LEN = 64
 PROMPTS = ["Hello there", "Write a short poem about the sea and the wind"]
@@ -33,13 +34,15 @@ def build(tiny_hf_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
     built: dict[tuple[str, str], Path] = {}
 
-    def get(backend: str, quantize: str = "none", plugin_ops: bool = False, dtype: str = "float32") -> Path:
-        key = (backend, quantize, plugin_ops, dtype)
+    def get(backend: str, quantize: str = "none", plugin_ops: bool = False, dtype: str = "float32",
+            exact_attention: bool = False) -> Path:
+        key = (backend, quantize, plugin_ops, dtype, exact_attention)
         if key not in built:
             built[key] = build_engine(BuildOptions(
-                output=root / f"{backend}-{quantize}-{plugin_ops}-{dtype}", base=base, drafter=drafter,
+                output=root / "-".join(map(str, key)), base=base, drafter=drafter,
                 backend=backend, quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2,
-                max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, progress=False))
+                max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, exact_attention=exact_attention,
+                progress=False))
         return built[key]
 
     return get
@@ -314,6 +317,15 @@ def test_bf16_quantized_aoti_engine_computes_what_its_eager_model_computes(build
     assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
 
 
+def test_an_exact_attention_engine_attends_in_float64_and_is_lossless_in_bfloat16(build):
+    path = build("aoti", "int4", dtype="bfloat16", exact_attention=True)
+    e = load_engine(path)
+    assert e.options.exact_attention and all(b.attn.work_dtype == torch.float64 for b in e.model.layers)
+    assert greedy(path) == greedy(path, speculative=False)
+    with pytest.raises(ValueError, match="exact attention .* plugin ops"):
+        BuildOptions(output="x", exact_attention=True, plugin_ops=True).engine_options().validate()
+
+
 def test_int8_quantization_is_per_channel_symmetric():
     torch.manual_seed(0)
     w = torch.randn(32, 48) * torch.linspace(0.01, 3, 32)[:, None]  # rows of very different ranges
@@ -406,6 +418,47 @@ def test_a_quantized_engine_drafts_with_a_quantized_copy_of_its_head(kind, head_
     spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, beam_width=3, beam_length=3, draft=draft),
                     prompts, 12)
     assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["float32", "float64"])
+def test_exact_attention_gives_each_verified_token_the_bits_it_gets_decoded_alone(exact):
+    """In a bf16 int4 model every matmul is row-invariant, and attention is what makes a tree
+    verified at once differ from its tokens decoded one by one; in float64 it does not."""
+    torch.manual_seed(0)
+    # SmolLM2's widths (2 layers): narrower models rarely show a float32 difference in bf16.
+    model = tiny_llama(True, vocab=96, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
+                       head_dim=64)
+    model = quantize_model(model, "int4").to(torch.bfloat16)
+    if exact:
+        model.exact_attention()
+    zero = torch.zeros(1, dtype=torch.long)
+
+    def prefilled(prompt: Tensor):
+        cache = model.new_cache(1, 320)
+        model(prompt, torch.arange(prompt.shape[1])[None], cache, zero, zero, causal_mask(1, prompt.shape[1]))
+        return cache
+
+    def alone(prompt: Tensor, path: list[int]) -> Tensor:
+        """The hidden state of path[-1], decoded one token at a time after the prompt."""
+        cache, n = prefilled(prompt), prompt.shape[1]
+        for i, tok in enumerate(path):
+            h = model(torch.tensor([[tok]]), torch.tensor([[n + i]]), cache, zero, torch.tensor([n + i]),
+                      causal_mask(1, 1))
+        return h[0, 0]
+
+    same = []
+    with torch.inference_mode():
+        for _ in range(6):
+            prompt = torch.randint(0, 96, (1, int(torch.randint(100, 300, (1,)))))
+            n = prompt.shape[1]
+            root, a, b = torch.randint(0, 96, (3,)).tolist()
+            # The tree root -> a, root -> b, packed as [root, a, b]: b does not see a.
+            tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
+            h = model(torch.tensor([[root, a, b]]), torch.tensor([[n, n + 1, n + 1]]), prefilled(prompt), zero,
+                      torch.tensor([n]), tree)[0]
+            same += [torch.equal(h[0], alone(prompt, [root])), torch.equal(h[1], alone(prompt, [root, a])),
+                     torch.equal(h[2], alone(prompt, [root, b]))]
+    assert all(same) if exact else not all(same)
 
 
 @pytest.mark.parametrize("kind,dtype", [(Int8Linear, torch.bfloat16), (Int4Linear, torch.bfloat16),
@@ -532,8 +585,9 @@ def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
     base, drafter = tiny_hf_dir
     out = tmp_path / "cli-engine"
     assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(out),
-                 "--backend", "eager", "--max-seq-len", "32", "--no-progress"]) == 0
-    assert load_engine(out).options.max_seq_len == 32
+                 "--backend", "eager", "--max-seq-len", "32", "--exact-attention", "--no-progress"]) == 0
+    e = load_engine(out)
+    assert e.options.max_seq_len == 32 and e.model.layers[0].attn.work_dtype == torch.float64
     assert main(["build", "--base", str(base), "--output", str(tmp_path / "x"), "--backend", "onnx",
                  "--quantize", "int8", "--no-progress"]) == 2
     assert "int8" in capsys.readouterr().err
