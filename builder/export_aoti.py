@@ -116,7 +116,8 @@ def verify_engine_forward(engine_dir: Path, cfg, quantize: str, dtype: torch.dty
     2.11.0+cu130 on an H100 VM segfaulted loading any CUDA package, even one nn.Linear), and a
     crash must end the build with a clear error, not take the builder down with it."""
     run_isolated(_verify_from_files, engine_dir, cfg, quantize, dtype, device, path, max_batch, capacity, span,
-                 exact_attention, crash=f"loading the compiled program {path.name} crashed the process ({{how}}): AOTInductor in "
+                 exact_attention,
+                 crash=f"loading the compiled program {path.name} crashed the process ({{how}}): AOTInductor in "
                        f"this torch build ({torch.__version__}) could not load it on {device} (torch 2.11.0+cu130 "
                        "on an H100 segfaulted so on every CUDA package); build with --backend eager")
 
