@@ -157,15 +157,16 @@ def load_base_weights(path: Path, cfg: LlamaConfig, quantize: str, dtype: torch.
     """The base model from base.safetensors (quantized block projections when built so)."""
     from .quantize import empty_quantized
 
-    with torch.device("meta"):
-        model = Llama(cfg)
-        if quantize != "none":
-            empty_quantized(model, quantize)
     # safetensors places tensors at arbitrary byte offsets; torch's int8 weight-only matmul
     # (AVX-512 kernels) reads its weight with aligned loads and crashed on such a tensor, so
     # unaligned CPU tensors are copied into fresh (64-byte aligned) memory.
     state = {k: v.clone() if v.device.type == "cpu" and v.data_ptr() % 64 else v
              for k, v in load_file(str(path / BASE_WEIGHTS), device=str(device)).items()}
+    with torch.device("meta"):
+        model = Llama(cfg)
+        if quantize != "none":  # a quantized head stores scales besides its weight (older int8 engines: float)
+            head = any(k.startswith("lm_head.") and k != "lm_head.weight" for k in state)
+            empty_quantized(model, quantize, head=head)
     tied = cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear)  # a quantized head is untied
     expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
     if set(state) != expected:

@@ -11,7 +11,7 @@ every weight once per step, so bytes per weight set its speed: int4 reads about 
 does.
 
 Activations stay in the model dtype; the weight is dequantized inside the matmul. The decoder
-blocks' projections are quantized, and with int4 the LM head too (quantized_linears); the
+blocks' projections are quantized, and the LM head too (quantized_linears); the
 embedding (a lookup, whose rows the drafter's shared head also reads) stays in the model
 dtype. The compiled draft program drafts with a quantized copy of the draft head
 (quantize_drafter). A quantized engine is a model of its own: in fp32, ReDrafter greedy on
@@ -155,20 +155,23 @@ class Int4Linear(nn.Module):
 QUANTIZED = {"int8": Int8Linear, "int4": Int4Linear}
 
 
-def quantized_linears(model: nn.Module, kind: str) -> list[str]:
+def quantized_linears(model: nn.Module, kind: str, head: bool = True) -> list[str]:
     """Names of the Linear layers that quantization replaces: every projection inside the
-    decoder blocks (attention q/k/v/o and MLP gate/up/down), and for int4 the LM head too.
+    decoder blocks (attention q/k/v/o and MLP gate/up/down), and the LM head.
 
-    The LM head is a third of the bytes a step reads once the blocks are in 4 bits (SmolLM2:
-    28M of its 135M weights); the int4 head costs 0.9 ms for one row and 1.5 ms for the 4 rows
-    of a verification (2 threads). int8 keeps it in the model dtype, since its matmul costs per
-    block of 4 rows. A
-    quantized head is untied from the embedding, which stays in the model dtype (a lookup, and
-    the rows the drafter's shared head reads: runtime.model.lm_head_weight). A vocabulary
-    that torch's int4 packing cannot take (not a multiple of 16) keeps a float head."""
+    The LM head is a fifth of SmolLM2's weights (28M of 135M) and a third of the bytes a step
+    reads once the blocks are in 4 bits. Measured on this project's CPU (2 threads, weights
+    streamed from memory, 49,152 x 576): bf16 5.1 ms for one row, 5.7-6.6 for 2-4; int8 2.8 and
+    3.4-3.8; int4 1.2 and 1.4-1.8. Both packed kernels work in blocks of 4 rows, so past 4 rows
+    (a verification of 5 or more tokens) they cost more than bf16: 7.3 (int8) and 3.3 (int4) ms
+    for 5 rows against 6.4. A quantized head is untied from the embedding, which stays in the
+    model dtype (a lookup, and the rows the drafter's shared head reads:
+    runtime.model.lm_head_weight). A vocabulary that torch's int4 packing cannot take (not a
+    multiple of 16) keeps a float head, and head=False leaves it out (int8 engines built before
+    2026-11-27 09:00 UTC kept theirs in the model dtype)."""
     def quantized(name: str, mod: nn.Module) -> bool:
         if name == "lm_head":
-            return kind == "int4" and Int4Linear.supports(mod.in_features, mod.out_features)
+            return head and (kind == "int8" or Int4Linear.supports(mod.in_features, mod.out_features))
         return name.startswith("layers.")
 
     return [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and quantized(name, mod)]
@@ -213,9 +216,9 @@ def quantize_model(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
-def empty_quantized(model: nn.Module, kind: str) -> nn.Module:
+def empty_quantized(model: nn.Module, kind: str, head: bool = True) -> nn.Module:
     """Swap those layers for empty `kind` modules (to load a quantized state dict)."""
-    for name in quantized_linears(model, kind):
+    for name in quantized_linears(model, kind, head):
         lin = model.get_submodule(name)
         dtype = lin.weight.dtype if lin.weight.dtype.is_floating_point else torch.float32
         _replace(model, name, QUANTIZED[kind](lin.in_features, lin.out_features, lin.bias is not None, dtype,

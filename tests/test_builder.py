@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from redrafter.builder import build as build_mod
 from redrafter.builder.build import BuildOptions, build_engine
-from redrafter.builder.engine import SCHEMA_VERSION, load_engine
+from redrafter.builder.engine import SCHEMA_VERSION, file_checksums, load_engine
 from redrafter.builder.programs import DraftBeams
 from conftest import tiny_drafter, tiny_llama
 from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_model, quantize_weight
@@ -291,11 +291,26 @@ def test_int8_engine_is_lossless_wrt_its_own_plain_decoding(build):
     state = load_file(str(path / "base.safetensors"))
     assert state["layers.0.attn.wq.weight"].dtype == torch.int8
     assert state["layers.0.attn.wq.scale"].shape == (state["layers.0.attn.wq.weight"].shape[0],)
-    assert state["embed.weight"].dtype == torch.float32  # embedding / tied LM head stay float
+    # The LM head is in int8 too, untied from the float embedding, whose rows the drafter reads.
+    assert state["lm_head.weight"].dtype == torch.int8 and state["embed.weight"].dtype == torch.float32
     assert greedy(path) == greedy(path, speculative=False)
     # The eager reference of the same int8 weights agrees with the compiled programs.
     e = load_engine(path)
-    assert isinstance(e.model.layers[0].mlp.up, Int8Linear)
+    assert isinstance(e.model.layers[0].mlp.up, Int8Linear) and isinstance(e.model.lm_head, Int8Linear)
+
+
+def test_an_int8_engine_from_before_int8_heads_loads_its_float_head(build, tmp_path):
+    """int8 engines kept a float (tied) LM head until 2026-11-27; such an engine still loads."""
+    path = tmp_path / "old"
+    shutil.copytree(build("eager", "int8"), path)
+    state = load_file(str(path / "base.safetensors"))
+    save_file({k: v for k, v in state.items() if not k.startswith("lm_head.")}, str(path / "base.safetensors"))
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["files"] = file_checksums(path)
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = load_engine(path).model
+    assert isinstance(model.layers[0].mlp.up, Int8Linear) and model.lm_head.weight is model.embed.weight
+    assert greedy(path) == greedy(path, speculative=False)
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
