@@ -162,13 +162,14 @@ def quantized_linears(model: nn.Module, kind: str, head: bool = True) -> list[st
     The LM head is a fifth of SmolLM2's weights (28M of 135M) and a third of the bytes a step
     reads once the blocks are in 4 bits. Measured on this project's CPU (2 threads, weights
     streamed from memory, 49,152 x 576): bf16 5.1 ms for one row, 5.7-6.6 for 2-4; int8 2.8 and
-    3.4-3.8; int4 1.2 and 1.4-1.8. Both packed kernels work in blocks of 4 rows, so past 4 rows
-    (a verification of 5 or more tokens) they cost more than bf16: 7.3 (int8) and 3.3 (int4) ms
-    for 5 rows against 6.4. A quantized head is untied from the embedding, which stays in the
-    model dtype (a lookup, and the rows the drafter's shared head reads:
-    runtime.model.lm_head_weight). A vocabulary that torch's int4 packing cannot take (not a
-    multiple of 16) keeps a float head, and head=False leaves it out (int8 engines built before
-    2026-11-27 09:00 UTC kept theirs in the model dtype)."""
+    3.4-3.8; int4 1.2 and 1.4-1.8. Both packed kernels work in blocks of 4 rows: for 5 rows
+    (a verification of 5 tokens) int8 takes 7.3 ms, more than bf16's 6.4, and int4 3.3.
+
+    A quantized head is untied from the embedding, which stays in the model dtype (a lookup, and
+    the rows the drafter's shared head reads: runtime.model.lm_head_weight). A vocabulary that
+    torch's int4 packing cannot take (not a multiple of 16) keeps a float head, and head=False
+    leaves it out (int8 engines built before 2026-11-27 09:00 UTC kept theirs in the model
+    dtype)."""
     def quantized(name: str, mod: nn.Module) -> bool:
         if name == "lm_head":
             return head and (kind == "int8" or Int4Linear.supports(mod.in_features, mod.out_features))
