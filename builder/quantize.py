@@ -65,6 +65,10 @@ class Int8Linear(nn.Module):
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return q
 
+    def dequantized_weight(self) -> Tensor:
+        """[out, in] in the scale's dtype (the float rows an untied int8 LM head gives the drafter)."""
+        return self.weight.to(self.scale.dtype) * self.scale[:, None]
+
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.dtype == torch.bfloat16:
             flat = x.reshape(-1, self.in_features)

@@ -350,7 +350,7 @@ class Llama(nn.Module):
 
 def lm_head_weight(model: nn.Module) -> Tensor:
     """The base LM head as a float matrix [V, H] (the drafter's shared head reads its rows).
-    A quantized head (an int4 engine's: builder.quantize) gives the float weights it was
+    A quantized head (an int8 or int4 engine's: builder.quantize) gives the float weights it was
     made from where it was tied to the embedding, and its dequantized weights otherwise."""
     if isinstance(model.lm_head, nn.Linear):
         return model.lm_head.weight

@@ -384,13 +384,14 @@ def test_int4_quantization_is_groupwise_asymmetric():
         Int4Linear.from_linear(torch.nn.Linear(64, 8))
 
 
+@pytest.mark.parametrize("kind,cls", [("int8", Int8Linear), ("int4", Int4Linear)], ids=["int8", "int4"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_an_int4_model_drafts_from_float_lm_head_rows_and_stays_lossless(tied):
+def test_a_quantized_model_drafts_from_float_lm_head_rows_and_stays_lossless(tied, kind, cls):
     model = tiny_llama(tied, vocab=96)  # torch's int4 packing takes multiples of 16
     float_head = model.lm_head.weight.clone()
     head = tiny_drafter(model, head="shared", draft_vocab_size=24)
-    quantize_model(model, "int4")
-    assert isinstance(model.lm_head, Int4Linear)
+    quantize_model(model, kind)
+    assert isinstance(model.lm_head, cls)
     rows = lm_head_weight(model)
     if tied:  # the embedding it was tied to still holds the float weights
         assert rows is model.embed.weight and torch.equal(rows, float_head)
@@ -400,8 +401,9 @@ def test_an_int4_model_drafts_from_float_lm_head_rows_and_stays_lossless(tied):
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=40), prompts, 12)
     spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, beam_width=3, beam_length=3), prompts, 12)
     assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
-    odd = quantize_model(tiny_llama(tied, vocab=97), "int4")  # a head the packing cannot take stays float
-    assert isinstance(odd.lm_head, torch.nn.Linear) and isinstance(odd.layers[0].mlp.up, Int4Linear)
+    # int8 takes any shape; a head that torch's int4 packing cannot take stays float.
+    odd = quantize_model(tiny_llama(tied, vocab=97), kind)
+    assert isinstance(odd.lm_head, cls if kind == "int8" else torch.nn.Linear) and isinstance(odd.layers[0].mlp.up, cls)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
