@@ -11,9 +11,11 @@ import time
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="default", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--drafter", default="default", help="drafter dir (Apple layout) or 'default' (our shipped drafter)")
-    p.add_argument("--beam-width", type=int, default=4, help="W: beams drafted per step")
-    p.add_argument("--beam-length", type=int, default=4,
-                   help="L: tokens per beam, counting the guaranteed token (L-1 drafted tokens)")
+    # W1 L2 by default: on the CPU (where this command runs) verifying 2 tokens costs about what
+    # decoding 1 does, and more rows cost more than they accept (BENCHMARKS.md, eager float32).
+    p.add_argument("--beam-width", type=int, default=1, help="W: beams drafted per step (default 1)")
+    p.add_argument("--beam-length", type=int, default=2,
+                   help="L: tokens per beam, counting the guaranteed token (L-1 drafted tokens; default 2)")
     p.add_argument("--no-spec", action="store_true", help="plain greedy decoding, no drafter")
 
 

@@ -182,26 +182,46 @@ def attend(q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor, work: torch.dtyp
     return out.transpose(1, 2).to(q.dtype)
 
 
-def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
-    """layer(x) for a linear layer, padding the rows to a multiple of 4 where that is cheaper.
+def gemm_rows(m: int, dtype: torch.dtype) -> int:
+    """The row count rows_linear pads m rows to (see there for the measurements)."""
+    if dtype == torch.float32:
+        return max(2, 1 << (m - 1).bit_length()) if m <= 16 else -(-m // 16) * 16
+    return m + 4 - m % 4 if m >= 2 and m % 4 >= 2 else m
 
-    Measured on the project's CPU (torch 2.13, AMD EPYC, 2 threads): the BLAS GEMM takes 2-3.7x
-    longer for 2 or 3 rows than for 4 (the LM head: 9 ms at 1 row, 23 at 2, 35 at 3, 17 at 4)
-    and 1.5x longer for 6 than for 8, which would make verifying 2-3 tokens dearer than 4 and
-    batch 2 barely faster than batch 1. Rows are independent, so padding changes no row's
-    result. Eager CPU float nn.Linear only: compiled programs choose their own kernels and keep
-    shapes symbolic, and torch's int8 weight-only matmul (builder.quantize) works in blocks of
-    4 rows already, where 2 rows cost 34 us and 4 rows 50 us (576x1536, 2 threads).
+
+def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """layer(x) for a linear layer, computed in the form and row count that the CPU does fastest.
+
+    Measured on the project's CPU (torch 2.13, AMD EPYC, 2 threads), over SmolLM2's 30 layers of
+    float32 weights (425 MB, streamed from memory as in a decode step): `layer(x)` (x @ W.T)
+    takes 35 ms for 1 row, 50 for 2, 46 for 4, and its 1-row matrix-vector product reads the
+    weights at only 9 GB/s. The same product as W @ x.T takes 16 ms for 2 rows, 20 for 4, 37 for
+    8, 45 for 16 and 61 for 32, but 23-90 ms for other counts (3: 22, 13-15: 75-90). So float32
+    rows are padded to 2, 4, 8 or 16, or to a multiple of 16 beyond, and multiplied as W @ x.T:
+    plain decoding then reads the weights with 2 rows, and verifying a few tokens costs little
+    more than decoding one. The LM head likewise: 3.6 ms for 2 rows against 10 ms for 1.
+    The padding rows are zeros, dropped after the product. Other dtypes keep `layer(x)`,
+    padding 2-3 rows to 4 (faster there). Eager CPU nn.Linear only: compiled programs choose
+    their own kernels and keep shapes symbolic, and builder.quantize's int8/int4 matmuls have
+    kernels of their own.
     """
     if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.device.type != "cpu"
             or not isinstance(layer, nn.Linear)):
         return layer(x)
     m = x.numel() // x.shape[-1]
-    if m < 2 or m % 4 < 2:
+    rows = gemm_rows(m, layer.weight.dtype)
+    if rows == m and layer.weight.dtype != torch.float32:
         return layer(x)
     flat = x.reshape(m, x.shape[-1])
-    out = layer(torch.cat((flat, flat.new_zeros(4 - m % 4, flat.shape[1]))))
-    return out[:m].reshape(*x.shape[:-1], out.shape[-1])
+    if rows > m:
+        flat = torch.cat((flat, flat.new_zeros(rows - m, flat.shape[1])))
+    if layer.weight.dtype == torch.float32:
+        out = torch.mm(layer.weight, flat.t()).t()[:m].contiguous()
+        if layer.bias is not None:
+            out += layer.bias
+    else:
+        out = layer(flat)[:m]
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class Attention(nn.Module):

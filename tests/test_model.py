@@ -90,20 +90,27 @@ def test_smollm2_plain_greedy_equals_transformers(smollm2, mtbench_prompts):
         assert got.token_ids == ref[0, len(prompt):].tolist()
 
 
-def test_rows_linear_pads_two_or_three_rows_mod_4_and_returns_the_same_rows():
+def test_rows_linear_pads_rows_to_the_counts_the_cpu_multiplies_fastest():
+    """float32: 2, 4, 8 or 16 rows, then multiples of 16 (as W @ x.T); other dtypes: 2-3 rows
+    (mod 4) padded to 4 (as layer(x)). Padding never changes a row's result."""
+    from redrafter.runtime.model import gemm_rows
+
+    assert [gemm_rows(m, torch.float32) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33)] == [2, 2, 4, 4, 8, 8, 16, 16,
+                                                                                         32, 48]
+    assert [gemm_rows(m, torch.bfloat16) for m in range(1, 10)] == [1, 4, 4, 4, 5, 8, 8, 8, 9]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_linear_returns_the_layers_rows(dtype):
     from redrafter.runtime.model import rows_linear
 
     torch.manual_seed(0)
-    layer = torch.nn.Linear(16, 8)
-    seen: list[int] = []
-    layer.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].numel() // 16))
-    for m in range(1, 10):
-        x = torch.randn(1, m, 16)
+    layer = torch.nn.Linear(16, 8).to(dtype)
+    for m in (1, 2, 3, 5, 17):
+        x = torch.randn(1, m, 16, dtype=dtype)
         out = rows_linear(layer, x)
-        assert out.shape == (1, m, 8)
-        assert torch.allclose(out, x @ layer.weight.t() + layer.bias, atol=1e-6)
-    # 2, 3 -> 4; 6, 7 -> 8; 1, 4, 5, 8, 9 rows run as they are.
-    assert seen == [1, 4, 4, 4, 5, 8, 8, 8, 9]
+        assert out.shape == (1, m, 8) and out.dtype == dtype
+        torch.testing.assert_close(out, layer(x))
 
 
 def test_rows_linear_exports_with_a_dynamic_row_count():
