@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from redrafter.runtime.acceptance import greedy_verify
 from redrafter.runtime.beam_search import beam_search
 from redrafter.runtime.drafter import DraftHead
-from redrafter.runtime.model import KVCache, Llama, TreeMask, attention_mask, lm_head_weight
+from redrafter.runtime.model import KVCache, Llama, TreeMask, attention_mask, lm_head_weight, rows_linear
 
 # Signature of a forward program: (tokens, positions, k, v, slots, starts, mask) -> hidden,
 # writing the new keys/values into k and v.
@@ -248,4 +248,4 @@ class CompiledBase(nn.Module):
         return self.program(*(a.contiguous() for a in args))
 
     def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(hidden).float()
+        return rows_linear(self.lm_head, hidden).float()

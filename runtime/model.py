@@ -201,20 +201,23 @@ def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
     plain decoding then reads the weights with 2 rows, and verifying a few tokens costs little
     more than decoding one. The LM head likewise: 3.6 ms for 2 rows against 10 ms for 1.
     The padding rows are zeros, dropped after the product. Other dtypes keep `layer(x)`,
-    padding 2-3 rows to 4 (faster there). Eager CPU nn.Linear only: compiled programs choose
-    their own kernels and keep shapes symbolic, and builder.quantize's int8/int4 matmuls have
-    kernels of their own.
+    padding 2-3 rows to 4 (faster there). Compiled float32 programs (torch.export keeps the row
+    count symbolic) get the same W @ x.T with odd counts padded to even, which needs no guard on
+    the count; compiled bf16 keeps `layer(x)`. CPU nn.Linear only: builder.quantize's int8/int4
+    matmuls have kernels of their own.
     """
-    if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.device.type != "cpu"
-            or not isinstance(layer, nn.Linear)):
+    if x.device.type != "cpu" or not isinstance(layer, nn.Linear):
         return layer(x)
     m = x.numel() // x.shape[-1]
-    rows = gemm_rows(m, layer.weight.dtype)
-    if rows == m and layer.weight.dtype != torch.float32:
-        return layer(x)
-    flat = x.reshape(m, x.shape[-1])
-    if rows > m:
-        flat = torch.cat((flat, flat.new_zeros(rows - m, flat.shape[1])))
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if layer.weight.dtype != torch.float32:
+            return layer(x)
+        pad = m % 2  # symbolic row count: pad to even, without guards on its value
+    else:
+        pad = gemm_rows(m, layer.weight.dtype) - m
+        if pad == 0 and layer.weight.dtype != torch.float32:
+            return layer(x)
+    flat = F.pad(x.reshape(m, x.shape[-1]), (0, 0, 0, pad))
     if layer.weight.dtype == torch.float32:
         out = torch.mm(layer.weight, flat.t()).t()[:m].contiguous()
         if layer.bias is not None:
