@@ -18,8 +18,10 @@ def register(subparsers) -> None:
                         "channel; CPU and GPU) or int4 (groups of 32, as llama.cpp's Q4_1; CPU only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the engine runs (compiled programs are device-specific)")
     p.add_argument("--backend", default="aoti", choices=list(BACKENDS))
-    p.add_argument("--beam-width", type=int, default=4, help="W: beams drafted per step")
-    p.add_argument("--beam-length", type=int, default=4, help="L: tokens per beam, counting the guaranteed token")
+    p.add_argument("--beam-width", type=int, default=None,
+                   help="W: beams drafted per step (default: 1 on cpu, 4 on cuda)")
+    p.add_argument("--beam-length", type=int, default=None,
+                   help="L: tokens per beam, counting the guaranteed token (default: 2 on cpu, 4 on cuda)")
     p.add_argument("--max-batch-size", type=int, default=1)
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + completion, in tokens")
     p.add_argument("--plugin-ops", action="store_true",
@@ -35,6 +37,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from .build import BuildOptions, build_engine
 
+    # A CPU verifies 2 tokens for about the cost of 1 and more for much more (BENCHMARKS.md); a GPU
+    # verifies dozens for little more than one, which wider and longer beams turn into tokens.
+    cpu = args.device == "cpu"
+    args.beam_width = args.beam_width or (1 if cpu else 4)
+    args.beam_length = args.beam_length or (2 if cpu else 4)
     out = build_engine(BuildOptions(
         output=args.output, base=args.base, drafter=args.drafter, dtype=args.dtype, quantize=args.quantize,
         device=args.device, backend=args.backend, beam_width=args.beam_width, beam_length=args.beam_length,

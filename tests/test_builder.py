@@ -605,6 +605,7 @@ def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
                  "--backend", "eager", "--max-seq-len", "32", "--exact-attention", "--no-progress"]) == 0
     e = load_engine(out)
     assert e.options.max_seq_len == 32 and e.model.layers[0].attn.work_dtype == torch.float64
+    assert (e.options.beam_width, e.options.beam_length) == (1, 2)  # the CPU's default beam shape
     assert main(["build", "--base", str(base), "--output", str(tmp_path / "x"), "--backend", "onnx",
                  "--quantize", "int8", "--no-progress"]) == 2
     assert "int8" in capsys.readouterr().err
