@@ -196,7 +196,7 @@ def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
     float32 weights (425 MB, streamed from memory as in a decode step): `layer(x)` (x @ W.T)
     takes 35 ms for 1 row, 50 for 2, 46 for 4, and its 1-row matrix-vector product reads the
     weights at only 9 GB/s. The same product as W @ x.T takes 16 ms for 2 rows, 20 for 4, 37 for
-    8, 45 for 16 and 61 for 32, but 23-90 ms for other counts (3: 22, 13-15: 75-90). So float32
+    8, 45 for 16 and 61 for 32, and more for the counts in between (3: 22, 5-7: 27-56, 13-15: 75-90). So float32
     rows are padded to 2, 4, 8 or 16, or to a multiple of 16 beyond, and multiplied as W @ x.T:
     plain decoding then reads the weights with 2 rows, and verifying a few tokens costs little
     more than decoding one. The LM head likewise: 3.6 ms for 2 rows against 10 ms for 1.
