@@ -194,14 +194,14 @@ def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
 
     Measured on the project's CPU (torch 2.13, AMD EPYC, 2 threads), over SmolLM2's 30 layers of
     float32 weights (425 MB, streamed from memory as in a decode step): `layer(x)` (x @ W.T)
-    takes 35 ms for 1 row, 50 for 2, 46 for 4, and its 1-row matrix-vector product reads the
-    weights at only 9 GB/s. The same product as W @ x.T takes 16 ms for 2 rows, 20 for 4, 37 for
-    8, 45 for 16 and 61 for 32, and more for the counts in between (3: 22, 5-7: 27-56, 13-15: 75-90). So float32
-    rows are padded to 2, 4, 8 or 16, or to a multiple of 16 beyond, and multiplied as W @ x.T:
-    plain decoding then reads the weights with 2 rows, and verifying a few tokens costs little
-    more than decoding one. The LM head likewise: 3.6 ms for 2 rows against 10 ms for 1.
-    The padding rows are zeros, dropped after the product. Other dtypes keep `layer(x)`,
-    padding 2-3 rows to 4 (faster there). Compiled float32 programs (torch.export keeps the row
+    takes 35 ms for 1 row, 50 for 2, 46 for 4; its 1-row matrix-vector product reads the weights
+    at only 12 GB/s. The same product as W @ x.T takes 16 ms for 2 rows (27 GB/s), 20 for 4, 37
+    for 8, 45 for 16 and 61 for 32, and more for the counts in between (3: 22, 5-7: 27-56,
+    13-15: 75-90). So float32 rows are padded to 2, 4, 8 or 16, or to a multiple of 16 beyond,
+    and multiplied as W @ x.T: plain decoding then reads the weights with 2 rows, and verifying a
+    few tokens costs little more than decoding one. The LM head likewise: 3.6 ms for 2 rows
+    against 10 ms for 1. The padding rows are zeros, dropped after the product. Other dtypes keep
+    `layer(x)`, padding 2-3 rows to 4 (faster there). Compiled float32 programs (torch.export keeps the row
     count symbolic) get the same W @ x.T with odd counts padded to even, which needs no guard on
     the count; compiled bf16 keeps `layer(x)`. CPU nn.Linear only: builder.quantize's int8/int4
     matmuls have kernels of their own.
