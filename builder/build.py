@@ -24,11 +24,23 @@ from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENI
 
 @dataclass
 class BuildOptions(EngineOptions):
-    """What to build. base: HF dir | .gguf | "default"; drafter: dir | "default" | "none"."""
+    """What to build. base: HF dir | .gguf | "default"; drafter: dir | "default" | "none".
+    Beams default by device: W1 L2 on the CPU, which verifies 2 tokens for about the cost of 1
+    and more for much more (BENCHMARKS.md); W4 L4 on a GPU, which verifies dozens for little
+    more than one."""
+    beam_width: int | None = None
+    beam_length: int | None = None
     output: str | os.PathLike = ""
     base: str | os.PathLike = "default"
     drafter: str | os.PathLike = "default"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        cpu = str(self.device) == "cpu"
+        if self.beam_width is None:
+            self.beam_width = 1 if cpu else 4
+        if self.beam_length is None:
+            self.beam_length = 2 if cpu else 4
 
     def engine_options(self) -> EngineOptions:
         opts = EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})

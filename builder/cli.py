@@ -37,13 +37,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from .build import BuildOptions, build_engine
 
-    # A CPU verifies 2 tokens for about the cost of 1 and more for much more (BENCHMARKS.md); a GPU
-    # verifies dozens for little more than one, which wider and longer beams turn into tokens.
-    cpu = args.device == "cpu"
-    if args.beam_width is None:
-        args.beam_width = 1 if cpu else 4
-    if args.beam_length is None:
-        args.beam_length = 2 if cpu else 4
     out = build_engine(BuildOptions(
         output=args.output, base=args.base, drafter=args.drafter, dtype=args.dtype, quantize=args.quantize,
         device=args.device, backend=args.backend, beam_width=args.beam_width, beam_length=args.beam_length,

@@ -596,6 +596,16 @@ def test_tensorrt_without_tensorrt_writes_onnx_and_says_what_is_missing(tiny_hf_
         generate(eager, [ids], 8, e.eos_ids)[0].token_ids
 
 
+def test_beams_default_by_device_and_explicit_values_stay():
+    """W1 L2 on the CPU, W4 L4 on CUDA (BENCHMARKS.md); a given value, even an invalid one, is kept."""
+    assert (BuildOptions(output="x").beam_width, BuildOptions(output="x").beam_length) == (1, 2)
+    cuda = BuildOptions(output="x", device="cuda")
+    assert (cuda.beam_width, cuda.beam_length) == (4, 4)
+    assert BuildOptions(output="x", beam_width=3).beam_width == 3
+    with pytest.raises(ValueError, match="beam_width"):
+        BuildOptions(output="x", beam_width=0).validate()
+
+
 def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
     from redrafter.cli import main
 
