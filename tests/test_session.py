@@ -496,3 +496,19 @@ def test_smollm2_session_is_lossless_and_streams_text(smollm2):
     assert "".join(d.text for d in deltas) == outs[0].text
     assert outs[0].text == smollm2.tokenizer.decode([t for t in ref[0] if t not in smollm2.eos_ids],
                                                     skip_special_tokens=True)
+
+
+def test_threads_handing_work_to_the_loop_free_their_openmp_pools(tiny, monkeypatch):
+    """The constructor's thread, the callers of generate and stream, and the loop itself when it
+    goes idle release their OpenMP workers, so torch's CPU kernels run on the working loop
+    thread's pool alone (runtime.openmp)."""
+    import redrafter.runtime.session as session_module
+
+    callers = []
+    monkeypatch.setattr(session_module, "release_openmp_threads", lambda: callers.append(threading.current_thread()))
+    with make_session(tiny) as s:
+        s.generate([1, 2, 3], SamplingParams(max_new_tokens=2))
+        list(s.stream([1, 2, 3], SamplingParams(max_new_tokens=2)))
+        loop = s._thread
+    assert [t for t in callers if t is not loop] == [threading.current_thread()] * 3
+    assert loop in callers
