@@ -18,6 +18,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from redrafter.runtime.scheduler import default_beam_shape
+
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
                      engine_config, file_checksums, read_config)
 
@@ -25,9 +27,7 @@ from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENI
 @dataclass
 class BuildOptions(EngineOptions):
     """What to build. base: HF dir | .gguf | "default"; drafter: dir | "default" | "none".
-    Beams default by device: W1 L2 on the CPU, which verifies 2 tokens for about the cost of 1
-    and more for much more (BENCHMARKS.md); W4 L4 on a GPU, which verifies dozens for little
-    more than one."""
+    Beams default by device (runtime.scheduler.default_beam_shape): W1 L2 on the CPU, W4 L4 on a GPU."""
     beam_width: int | None = None
     beam_length: int | None = None
     output: str | os.PathLike = ""
@@ -36,11 +36,11 @@ class BuildOptions(EngineOptions):
     progress: bool = True
 
     def __post_init__(self) -> None:
-        cpu = str(self.device) == "cpu"
+        width, length = default_beam_shape(self.device)
         if self.beam_width is None:
-            self.beam_width = 1 if cpu else 4
+            self.beam_width = width
         if self.beam_length is None:
-            self.beam_length = 2 if cpu else 4
+            self.beam_length = length
 
     def engine_options(self) -> EngineOptions:
         opts = EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})

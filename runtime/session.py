@@ -32,7 +32,7 @@ from .decoding import Decoder
 from .metrics import RequestMetrics, SessionMetrics
 from .openmp import release_openmp_threads
 from .sampling import SamplingParams, SlotSampler
-from .scheduler import BeamPolicy, MeasuredBeamPolicy, SlotScheduler
+from .scheduler import BeamPolicy, MeasuredBeamPolicy, SlotScheduler, default_beam_shape
 
 __all__ = ["Session", "SamplingParams", "RequestOutput", "StreamDelta", "BeamPolicy", "MeasuredBeamPolicy"]
 
@@ -165,16 +165,20 @@ class Session:
 
     @classmethod
     def load(cls, base: str | os.PathLike = "default", drafter: str | os.PathLike | None = "default",
-             max_batch_size: int = 8, max_seq_len: int = 2048, beam_width: int = 4, beam_length: int = 4, *,
+             max_batch_size: int = 8, max_seq_len: int = 2048, beam_width: int | None = None,
+             beam_length: int | None = None, *,
              beam_policy: Policy | str | None = None, dtype: torch.dtype = torch.float32,
              device: str = "cpu", prefill_token_budget: int = 8192) -> "Session":
-        """A session over a base model and drafter (None: plain decoding). beam_policy: None
-        (always beam_width x beam_length), "adaptive" (a MeasuredBeamPolicy over shapes up to
-        beam_width x beam_length, plain decoding included) or a policy object."""
+        """A session over a base model and drafter (None: plain decoding). Beams not given take the
+        device's default (scheduler.default_beam_shape: W1 L2 on a CPU, W4 L4 on a GPU).
+        beam_policy: None (always beam_width x beam_length), "adaptive" (a MeasuredBeamPolicy over
+        shapes up to beam_width x beam_length, plain decoding included) or a policy object."""
         from .pipeline import load
 
         loaded = load(base, drafter, dtype=dtype, device=device)
-        policy = _policy(beam_policy, beam_width, beam_length)
+        width, length = default_beam_shape(device)
+        policy = _policy(beam_policy, width if beam_width is None else beam_width,
+                         length if beam_length is None else beam_length)
         w, l = policy.largest_shape
         decoder = Decoder(loaded.model, loaded.drafter, max_batch=max_batch_size, max_seq_len=max_seq_len,
                           beam_width=w, beam_length=l)

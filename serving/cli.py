@@ -40,10 +40,12 @@ def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> No
     p.add_argument("--max-batch-size", type=int, default=0,
                    help="requests decoded together per instance (default: the engine's; 8 with --base)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="with --base: longest prompt + completion")
-    p.add_argument("--beam-width", type=int, default=4, help="with --base: W, beams drafted per step")
-    p.add_argument("--beam-length", type=int, default=4, help="with --base: L, tokens per beam")
-    p.add_argument("--beam-policy", default="fixed", choices=["fixed", "adaptive"],
-                   help="adaptive: shrink the beams as the batch grows")
+    p.add_argument("--beam-width", type=int, default=0, help="with --base: W, beams drafted per step (default 1)")
+    p.add_argument("--beam-length", type=int, default=0,
+                   help="with --base: L, tokens per beam, counting the guaranteed token (default 2)")
+    p.add_argument("--beam-policy", default="adaptive", choices=["fixed", "adaptive"],
+                   help="adaptive (default): plain decoding or beam shapes up to W x L, whichever "
+                        "runs fastest at each batch size; fixed: always W x L")
 
 
 def _write(args: argparse.Namespace, output: Path) -> Path:

@@ -33,9 +33,11 @@ class ModelSource:
     drafter: str = "default"  # "none": plain decoding
     max_batch_size: int = 0  # decoder slots; 0: the engine's (8 for base + drafter)
     max_seq_len: int = 2048  # base + drafter only; an engine has its own
-    beam_width: int = 4
-    beam_length: int = 4
-    beam_policy: str = "fixed"  # "adaptive": shrink the beams as the batch grows (runtime/scheduler.py)
+    beam_width: int = 0  # base + drafter only; 0: the CPU's default, W1 L2 (runtime/scheduler.py)
+    beam_length: int = 0
+    # "adaptive": plain decoding and beam shapes up to W x L, the fastest per batch size as measured
+    # (runtime/scheduler.py); on this project's CPU it was within 2% of the best shape at every batch.
+    beam_policy: str = "adaptive"
 
     def __post_init__(self) -> None:
         if bool(self.engine) == bool(self.base):
@@ -44,8 +46,8 @@ class ModelSource:
             raise ValueError(f"beam policy {self.beam_policy!r} is unknown: choose one of {', '.join(BEAM_POLICIES)}")
         for name in ("max_batch_size", "max_seq_len", "beam_width", "beam_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (0 if name == "max_batch_size" else 1):
-                raise ValueError(f"{name}={value!r} is invalid: give a positive integer")
+            if not isinstance(value, int) or value < (1 if name == "max_seq_len" else 0):
+                raise ValueError(f"{name}={value!r} is invalid: give a positive integer (0: the default)")
         if self.engine and not (Path(self.engine) / "config.json").is_file():
             raise FileNotFoundError(f"{self.engine!r} is not an engine directory (no config.json): "
                                     "build one with `redrafter build`")
@@ -53,8 +55,9 @@ class ModelSource:
     def __str__(self) -> str:
         if self.engine:
             return f"engine {self.engine}"
+        beams = f"{self.beam_width}x{self.beam_length}" if self.beam_width and self.beam_length else "default"
         return (f"base {self.base} + drafter {self.drafter} (max_seq_len {self.max_seq_len}, "
-                f"beams {self.beam_width}x{self.beam_length})")
+                f"beams {beams}, {self.beam_policy})")
 
     @classmethod
     def create(cls, engine: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
@@ -83,7 +86,8 @@ class ModelSource:
             return Session.open(self.engine, max_batch_size=self.max_batch_size or None, beam_policy=policy)
         return Session.load(self.base, None if self.drafter == "none" else self.drafter,
                             max_batch_size=self.max_batch_size or 8, max_seq_len=self.max_seq_len,
-                            beam_width=self.beam_width, beam_length=self.beam_length, beam_policy=policy)
+                            beam_width=self.beam_width or None, beam_length=self.beam_length or None,
+                            beam_policy=policy)
 
 
 def model_config(name: str, source: ModelSource, instances: int = 1) -> str:

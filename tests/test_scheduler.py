@@ -11,7 +11,7 @@ from typing import Callable
 
 import pytest
 
-from redrafter.runtime.scheduler import MeasuredBeamPolicy
+from redrafter.runtime.scheduler import MeasuredBeamPolicy, default_beam_shape
 
 Shape = tuple[int, int]
 PLAIN, W4L2, W4L5 = (1, 1), (4, 2), (4, 5)
@@ -269,3 +269,8 @@ def test_when_the_incumbent_slows_down_a_faster_shape_takes_over(slows_at, plain
 def test_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MeasuredBeamPolicy(**kwargs)
+
+
+def test_default_beam_shape_is_short_on_a_cpu_and_wide_on_a_gpu():
+    assert default_beam_shape("cpu") == (1, 2)
+    assert default_beam_shape("cuda") == default_beam_shape("cuda:1") == (4, 4)

@@ -10,6 +10,7 @@ from tritonclient.grpc import model_config_pb2
 
 from redrafter.cli import main
 from redrafter.runtime.sampling import SamplingParams
+from redrafter.runtime.scheduler import MeasuredBeamPolicy
 from redrafter.serving.protocol import INPUTS, OUTPUTS, StopMatcher, parse_request
 from redrafter.serving.repository import ModelSource, model_config, write_repository
 from redrafter.serving.server import TritonServer, backend_directory, find_tritonserver, stub_environment
@@ -134,7 +135,7 @@ def test_model_config_is_a_valid_triton_config(tmp_path):
     (dict(), ValueError, "either an engine"),
     (dict(engine="e", base="b"), ValueError, "either an engine"),
     (dict(base="b", beam_policy="greedy"), ValueError, "beam policy"),
-    (dict(base="b", beam_width=0), ValueError, "beam_width=0"),
+    (dict(base="b", beam_width=-1), ValueError, "beam_width=-1"),
     (dict(engine="/nonexistent/engine"), FileNotFoundError, "not an engine directory"),
 ])
 def test_model_source_validation(kwargs, error, message):
@@ -150,6 +151,15 @@ def test_base_and_drafter_source_opens_a_session_with_its_options(tiny_hf_dir):
         assert (s.decoder.beam_width, s.decoder.beam_length, s.decoder.speculative) == (2, 3, True)
     with ModelSource.create(base=base, drafter="none").open_session() as s:
         assert s.max_batch_size == 8 and not s.decoder.speculative
+
+
+def test_base_and_drafter_source_defaults_to_the_cpus_beams_chosen_by_measurement(tiny_hf_dir):
+    """W1 L2 on the CPU, with the adaptive policy choosing between it and plain decoding per batch size."""
+    base, drafter = tiny_hf_dir
+    with ModelSource.create(base=base, drafter=drafter).open_session() as s:
+        assert (s.decoder.beam_width, s.decoder.beam_length) == (1, 2)
+        assert isinstance(s.beam_policy, MeasuredBeamPolicy)
+        assert s.beam_policy.candidates == ((1, 1), (1, 2))
 
 
 def test_write_repository_replaces_a_repository_and_refuses_other_directories(tmp_path):
