@@ -86,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"redrafter {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT` around a time-boxed run
+        resume = {"train": "; its last checkpoint is kept: add --resume to the same command to go on",
+                  "self-data": "; the answers so far are kept: run the same command again to go on"}
+        print(f"redrafter {args.command}: interrupted{resume.get(args.command, '')}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

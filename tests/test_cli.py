@@ -55,3 +55,13 @@ def test_bad_paths_give_a_clear_error_not_a_traceback(tmp_path):
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
     out = run_cli("generate", "--prompt", "Hi", "--base", str(tmp_path), "--no-spec")
     assert out.returncode == 2 and "no config.json" in out.stderr
+
+
+def test_an_interrupted_command_exits_130_saying_how_to_resume(monkeypatch, capsys):
+    import redrafter.training.cli as training_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training_cli, "run_self_data", interrupted)
+    assert main(["self-data", "--output", "answers.jsonl"]) == 130
+    assert "interrupted; the answers so far are kept" in capsys.readouterr().err
