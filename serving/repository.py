@@ -15,6 +15,8 @@ import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from redrafter.runtime.scheduler import default_beam_shape
+
 from .protocol import INPUTS, OUTPUTS, TensorSpec
 
 MODEL_PY = '''"""Triton Python backend entry point written by `redrafter triton-repo`."""
@@ -36,7 +38,8 @@ class ModelSource:
     beam_width: int = 0  # base + drafter only; 0: the CPU's default, W1 L2 (runtime/scheduler.py)
     beam_length: int = 0
     # "adaptive": plain decoding and beam shapes up to W x L, the fastest per batch size as measured
-    # (runtime/scheduler.py); on this project's CPU it was within 2% of the best shape at every batch.
+    # (runtime/scheduler.py); on this project's CPU, over plain and W1 L2, 1.17x plain decoding at
+    # batch 1 and 0.98-0.99x at batch 2-8, where fixed W1 L2 fell to 0.90x (BENCHMARKS.md).
     beam_policy: str = "adaptive"
 
     def __post_init__(self) -> None:
@@ -46,8 +49,10 @@ class ModelSource:
             raise ValueError(f"beam policy {self.beam_policy!r} is unknown: choose one of {', '.join(BEAM_POLICIES)}")
         for name in ("max_batch_size", "max_seq_len", "beam_width", "beam_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if name == "max_seq_len" else 0):
-                raise ValueError(f"{name}={value!r} is invalid: give a positive integer (0: the default)")
+            least = 1 if name == "max_seq_len" else 0
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r} is invalid: give a positive integer"
+                                 + ("" if least else " (or 0 for the default)"))
         if self.engine and not (Path(self.engine) / "config.json").is_file():
             raise FileNotFoundError(f"{self.engine!r} is not an engine directory (no config.json): "
                                     "build one with `redrafter build`")
@@ -55,7 +60,8 @@ class ModelSource:
     def __str__(self) -> str:
         if self.engine:
             return f"engine {self.engine}"
-        beams = f"{self.beam_width}x{self.beam_length}" if self.beam_width and self.beam_length else "default"
+        width, length = default_beam_shape("cpu")
+        beams = f"{self.beam_width or width}x{self.beam_length or length}"
         return (f"base {self.base} + drafter {self.drafter} (max_seq_len {self.max_seq_len}, "
                 f"beams {beams}, {self.beam_policy})")
 
