@@ -155,3 +155,19 @@ def test_cpu_attention_runs_in_float32_for_lower_precision_models():
     low = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
     assert low.dtype == torch.bfloat16
     assert torch.equal(low, attend(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), mask).bfloat16())
+
+
+def test_cache_gather_matches_index_select_into_buffers_it_reuses():
+    """Eager CPU attention gathers each layer's keys/values into two buffers kept by the cache
+    (a fresh 10 MB allocation per layer page-faulted at batch 32), so a gather's result is
+    valid until the next gather."""
+    cache = tiny_llama().new_cache(slots=3, capacity=10)
+    cache.k.normal_(), cache.v.normal_()
+    slots = torch.tensor([2, 0])
+    keys, vals = cache.gather(1, slots, 7)
+    assert torch.equal(keys, cache.k[1, :, :7].index_select(0, slots))
+    assert torch.equal(vals, cache.v[1, :, :7].index_select(0, slots))
+    buffers = keys.data_ptr(), vals.data_ptr()
+    keys, vals = cache.gather(0, torch.tensor([1]), 4)
+    assert (keys.data_ptr(), vals.data_ptr()) == buffers
+    assert torch.equal(keys, cache.k[0, 1:2, :4]) and torch.equal(vals, cache.v[0, 1:2, :4])
