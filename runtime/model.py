@@ -129,7 +129,10 @@ class KVCache:
         shape = (cfg.num_layers, slots, capacity, cfg.num_kv_heads, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self._gathered: tuple[Tensor, Tensor] | None = None  # gather's buffers, made at first use
+        # gather's buffers (one layer's worth), made with the cache so that both are normal tensors
+        # or both inference tensors: one made lazily under inference_mode could not be written outside it.
+        self._gathered = (torch.empty_like(self.k[0]), torch.empty_like(self.v[0])) if self.k.device.type == "cpu" \
+            else None
 
     @property
     def capacity(self) -> int:
@@ -150,8 +153,6 @@ class KVCache:
         k, v = self.k[layer, :, :span], self.v[layer, :, :span]
         if torch.compiler.is_compiling() or torch.compiler.is_exporting() or self.k.device.type != "cpu":
             return k.index_select(0, slots), v.index_select(0, slots)
-        if self._gathered is None:
-            self._gathered = (torch.empty_like(self.k[0]), torch.empty_like(self.v[0]))
         n = slots.shape[0] * span
         outs = tuple(buf.view(-1, *buf.shape[2:])[:n].view(slots.shape[0], span, *buf.shape[2:])
                      for buf in self._gathered)

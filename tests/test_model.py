@@ -171,3 +171,13 @@ def test_cache_gather_matches_index_select_into_buffers_it_reuses():
     keys, vals = cache.gather(0, torch.tensor([1]), 4)
     assert (keys.data_ptr(), vals.data_ptr()) == buffers
     assert torch.equal(keys, cache.k[0, 1:2, :4]) and torch.equal(vals, cache.v[0, 1:2, :4])
+
+
+def test_cache_gather_works_inside_and_then_outside_inference_mode():
+    """The buffers are made with the cache, not lazily at a first gather under inference_mode
+    (which would make them inference tensors that a later gather outside it cannot write)."""
+    cache = tiny_llama().new_cache(slots=2, capacity=8)
+    with torch.inference_mode():
+        cache.gather(0, torch.tensor([1]), 3)
+    keys, _ = cache.gather(0, torch.tensor([1]), 3)
+    assert torch.equal(keys, cache.k[0, 1:2, :3])
