@@ -21,19 +21,19 @@ train)
     xz -dc "$D/sharegpt2048.npz.xz" > "$L/sharegpt2048.npz"
     [ -f "$D/self.jsonl.xz" ] && xz -dc "$D/self.jsonl.xz" > "$L/self.jsonl"
     if [ "$T_GEN" -gt 0 ]; then
-        # SIGINT: the command closes its session and keeps every finished answer.
-        timeout -s INT "$T_GEN" redrafter self-data --base "$L/smollm2.gguf" --data "$L/prompts.jsonl" \
+        # SIGTERM: the command closes its session and keeps every finished answer.
+        timeout -k 60 "$T_GEN" redrafter self-data --base "$L/smollm2.gguf" --data "$L/prompts.jsonl" \
             --output "$L/self.jsonl" --max-samples 20000 --max-new-tokens 256 --max-prompt-tokens 512 \
             --batch-size 512 --device cuda || echo "self-data stopped (rc $?)"
     fi
     wc -l "$L/self.jsonl"
     xz -T0 -9 -c "$L/self.jsonl" > "$OUT/self.jsonl.xz"
     if [ "$T_TRAIN" -gt 0 ]; then
-        timeout -s INT "$T_TRAIN" redrafter train --base "$L/smollm2.gguf" --data "$L/sharegpt2048.npz" "$L/self.jsonl" \
+        timeout -k 60 "$T_TRAIN" redrafter train --base "$L/smollm2.gguf" --data "$L/sharegpt2048.npz" "$L/self.jsonl" \
             --output "$L/drafter" --seq-len 2048 --epochs "$EPOCHS" --lr 3e-3 --batch-size 2048 --draft-len 4 \
             --head shared --draft-vocab 8192 --labels kl --bf16 --save-dtype float16 --checkpoint-every 500 \
-            --device cuda --cache-dir /dev/shm/teacher
-        cp "$L"/drafter/{config.json,model.safetensors,metrics.json,training_config.json} "$OUT/"
+            --device cuda --cache-dir /dev/shm/teacher || echo "train stopped (rc $?): its checkpoint is in $L/drafter"
+        cp "$L"/drafter/{config.json,model.safetensors,metrics.json,training_config.json} "$OUT/" || ls -l "$L/drafter"
     fi
     ls -l "$OUT" ;;
 *)

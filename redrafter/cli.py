@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 import time
 
@@ -79,18 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (`timeout`, a scheduler's preemption) stops like Ctrl-C: files are closed on the way
+    # out. Background jobs of a script inherit SIGINT ignored, so `timeout -s INT` may not reach them.
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"redrafter {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C, or `timeout -s INT` around a time-boxed run
+    except KeyboardInterrupt:
         resume = {"train": "; its last checkpoint is kept: add --resume to the same command to go on",
                   "self-data": "; the answers so far are kept: run the same command again to go on"}
         print(f"redrafter {args.command}: interrupted{resume.get(args.command, '')}", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import time
 
 from redrafter.cli import main
 
@@ -65,3 +66,21 @@ def test_an_interrupted_command_exits_130_saying_how_to_resume(monkeypatch, caps
     monkeypatch.setattr(training_cli, "run_self_data", interrupted)
     assert main(["self-data", "--output", "answers.jsonl"]) == 130
     assert "interrupted; the answers so far are kept" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
+    """`timeout` sends SIGTERM; a script's background job may ignore SIGINT."""
+    import os
+    import signal
+
+    import redrafter.training.cli as training_cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        return 0
+    monkeypatch.setattr(training_cli, "run_self_data", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["self-data", "--output", "answers.jsonl"]) == 130
+    assert "interrupted; the answers so far are kept" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
