@@ -12,10 +12,9 @@ import time
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="default", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--drafter", default="default", help="drafter dir (Apple layout) or 'default' (our shipped drafter)")
-    # W1 L2 by default: on the CPU (where this command runs) verifying 2 tokens costs about what
-    # decoding 1 does, and more rows cost more than they accept (BENCHMARKS.md, eager float32).
-    p.add_argument("--beam-width", type=int, default=1, help="W: beams drafted per step (default 1)")
-    p.add_argument("--beam-length", type=int, default=2,
+    # Defaults: the CPU's beam shape (runtime.scheduler.default_beam_shape), W1 L2.
+    p.add_argument("--beam-width", type=int, default=None, help="W: beams drafted per step (default 1)")
+    p.add_argument("--beam-length", type=int, default=None,
                    help="L: tokens per beam, counting the guaranteed token (L-1 drafted tokens; default 2)")
     p.add_argument("--no-spec", action="store_true", help="plain greedy decoding, no drafter")
 
@@ -42,12 +41,13 @@ def _generate(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         m = session.metrics()
         speculative = session.decoder.speculative
+        shape = session.decoder.beam_width, session.decoder.beam_length
     summary = {
         "text": "".join(pieces), "token_ids": token_ids, "tokens": len(token_ids), "steps": m["steps"],
         "tokens_per_step": round(m["tokens_per_step"], 3), "tok_per_s": round(len(token_ids) / seconds, 2),
         "time_to_first_token_s": round(m["ttft_s"]["mean"], 4), "seconds": round(seconds, 3),
-        "finish_reason": delta.finish_reason, "speculative": speculative, "beam_width": args.beam_width,
-        "beam_length": args.beam_length, "temperature": args.temperature, "seed": args.seed,
+        "finish_reason": delta.finish_reason, "speculative": speculative, "beam_width": shape[0],
+        "beam_length": shape[1], "temperature": args.temperature, "seed": args.seed,
     }
     if args.json:
         print(json.dumps(summary))
