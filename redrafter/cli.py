@@ -9,12 +9,22 @@ import sys
 import time
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="default", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--drafter", default="default", help="drafter dir (Apple layout) or 'default' (our shipped drafter)")
     # Defaults: the CPU's beam shape (runtime.scheduler.default_beam_shape), W1 L2.
-    p.add_argument("--beam-width", type=int, default=None, help="W: beams drafted per step (default 1)")
-    p.add_argument("--beam-length", type=int, default=None,
+    p.add_argument("--beam-width", type=positive_int, default=None, help="W: beams drafted per step (default 1)")
+    p.add_argument("--beam-length", type=positive_int, default=None,
                    help="L: tokens per beam, counting the guaranteed token (L-1 drafted tokens; default 2)")
     p.add_argument("--no-spec", action="store_true", help="plain greedy decoding, no drafter")
 
@@ -68,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module).register(sub)
     g = sub.add_parser("generate", help="generate a completion for one prompt (streamed)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--max-seq-len", type=int, default=2048, help="prompt + generated tokens the session holds")
+    g.add_argument("--max-new-tokens", type=positive_int, default=128)
+    g.add_argument("--max-seq-len", type=positive_int, default=2048, help="prompt + generated tokens the session holds")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: exact sampling")
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
     g.add_argument("--top-p", type=float, default=1.0, help="1.0: no nucleus filter")

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from redrafter.cli import main
 
 
@@ -84,3 +86,11 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
     assert main(["self-data", "--output", "answers.jsonl"]) == 130
     assert "interrupted; the answers so far are kept" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_counts_below_one_are_refused_naming_the_flag(capsys):
+    for flag in ("--beam-width", "--beam-length", "--max-new-tokens", "--max-seq-len"):
+        with pytest.raises(SystemExit) as stop:
+            main(["generate", "--prompt", "Hi", flag, "0"])
+        assert stop.value.code == 2
+        assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err

@@ -12,6 +12,8 @@ import argparse
 import sys
 from collections import defaultdict
 
+from ..cli import positive_int
+
 DATASETS = ("mtbench", "sharegpt")
 PEERS = ("hf", "llamacpp")
 
@@ -26,16 +28,6 @@ def _int_list(what: str, minimum: int):
             raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {text!r}")
         return sorted(set(values))
     return parse
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _peer_list(text: str) -> list[str]:
@@ -55,9 +47,9 @@ def register(subparsers) -> None:
                                   "with --engine, the model the peers run")
     p.add_argument("--drafter", help="drafter dir, 'default' (our shipped drafter) or 'none' (plain and peers only)")
     p.add_argument("--dataset", default="mtbench", help="mtbench (first turns), sharegpt (held-out), or FILE.jsonl")
-    p.add_argument("--questions", type=_positive, default=10, metavar="N",
+    p.add_argument("--questions", type=positive_int, default=10, metavar="N",
                    help="number of prompts (default 10)")
-    p.add_argument("--max-new-tokens", type=_positive, default=128, metavar="N", help="default 128")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="default 128")
     p.add_argument("--batch-sizes", type=_int_list("batch sizes", 1), default=[1], metavar="B,...",
                    help="prompts decoded together in lockstep (default 1)")
     p.add_argument("--beam-width", type=_int_list("beam width W", 1), metavar="W,...", help="default 4")
@@ -68,7 +60,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
     p.add_argument("--peers", type=_peer_list, default=list(PEERS), metavar="hf,llamacpp|none",
                    help="peer engines run on the same prompts when installed (default: both)")
-    p.add_argument("--threads", type=_positive, metavar="N",
+    p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for torch and llama.cpp alike (default: torch's default)")
     p.add_argument("--device", help="torch device for our runtime and HF (default cpu, or the engine's)")
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write every figure and machine info here")
