@@ -71,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
                      "ttft_ms": round(statistics.median(g.prefill_s for g, _ in gens) * 1e3, 1)})
         plain = f"{label.rsplit(' ', 1)[0]} plain"
         if " redrafter" in label:
-            same = [g.token_ids for g, _ in gens] == [g.token_ids for g, _ in runs[plain]]
-            rows[-1]["equals_plain"] = same
-            ok &= same
-    print("| system | tok/s (total) | median tok/s | tokens/step | TTFT ms (median) |")
-    print("|---|---|---|---|---|")
+            same = sum(g.token_ids == p.token_ids for (g, _), (p, _) in zip(gens, runs[plain]))
+            rows[-1]["equals_plain"] = same == len(gens)
+            rows[-1]["prompts_equal_to_plain"] = same
+            ok &= same == len(gens)
+    print("| system | tok/s (total) | median tok/s | tokens/step | TTFT ms (median) | output = plain |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['system']} | {r['tok_per_s']} | {r['median_tok_per_s']} | {r['tokens_per_step']} | {r['ttft_ms']} |")
+        equal = f"{r['prompts_equal_to_plain']}/{len(texts)}" if "equals_plain" in r else ""
+        print(f"| {r['system']} | {r['tok_per_s']} | {r['median_tok_per_s']} | {r['tokens_per_step']} | {r['ttft_ms']} "
+              f"| {equal} |")
     print(f"{len(texts)} MT-Bench prompts x {args.max_new_tokens} new tokens, batch 1, "
           f"{torch.get_num_threads()} threads")
     if args.json_out:

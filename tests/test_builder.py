@@ -622,3 +622,19 @@ def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
     assert main(["build", "--base", str(base), "--output", str(tmp_path / "y"), "--backend", "onnx",
                  "--quantize", "int4", "--no-progress"]) == 2
     assert "int4" in capsys.readouterr().err
+
+
+def test_compare_times_each_engine_and_counts_prompts_equal_to_plain(tiny_hf_dir, tmp_path, capsys):
+    """`python -m redrafter.builder.compare` on a tiny eager engine and MT-Bench prompts."""
+    from redrafter.builder import compare
+
+    base, drafter = tiny_hf_dir
+    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager",
+                                       beam_width=2, beam_length=3, max_seq_len=512, progress=False))
+    out = tmp_path / "compare.json"
+    assert compare.main([str(engine), "--questions", "2", "--max-new-tokens", "6", "--json", str(out)]) == 0
+    rows = {r["system"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"e plain", "e redrafter"}
+    assert rows["e plain"]["tokens_per_step"] == 1.0 and 0 < rows["e plain"]["tokens"] <= 12
+    assert rows["e redrafter"]["equals_plain"] and rows["e redrafter"]["prompts_equal_to_plain"] == 2
+    assert "| e redrafter |" in capsys.readouterr().out
