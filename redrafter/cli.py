@@ -7,6 +7,10 @@ import json
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from redrafter.runtime.session import Session
 
 
 def positive_int(text: str) -> int:
@@ -20,8 +24,9 @@ def positive_int(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="default", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--drafter", default="default", help="drafter dir (Apple layout) or 'default' (our shipped drafter)")
+    p.add_argument("--engine", help="engine directory built by `redrafter build` (instead of --base and --drafter)")
+    p.add_argument("--base", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct; the default)")
+    p.add_argument("--drafter", help="drafter dir (Apple layout) or 'default' (our shipped drafter; the default)")
     # Defaults: the CPU's beam shape (runtime.scheduler.default_beam_shape), W1 L2.
     p.add_argument("--beam-width", type=positive_int, default=None, help="W: beams drafted per step (default 1)")
     p.add_argument("--beam-length", type=positive_int, default=None,
@@ -29,15 +34,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-spec", action="store_true", help="plain greedy decoding, no drafter")
 
 
+def _session(args: argparse.Namespace) -> Session:
+    """A one-slot Session over --engine, or over --base and --drafter."""
+    from redrafter.runtime.session import Session  # noqa: F811 (the import above is for type checkers)
+
+    if args.engine:
+        given = [flag for flag, value in (("--base", args.base), ("--drafter", args.drafter),
+                                          ("--beam-width", args.beam_width), ("--beam-length", args.beam_length),
+                                          ("--max-seq-len", args.max_seq_len), ("--no-spec", args.no_spec or None))
+                 if value is not None]
+        if given:
+            raise ValueError(f"--engine fixes the base model, drafter, beam shape and max_seq_len it was built with: "
+                             f"drop {', '.join(given)}")
+        return Session.open(args.engine, max_batch_size=1)
+    return Session.load(args.base or "default", None if args.no_spec else args.drafter or "default", max_batch_size=1,
+                        max_seq_len=args.max_seq_len or 2048, beam_width=args.beam_width,
+                        beam_length=args.beam_length)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from redrafter.runtime.sampling import SamplingParams
-    from redrafter.runtime.session import Session
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
-    with Session.load(args.base, None if args.no_spec else args.drafter, max_batch_size=1,
-                      max_seq_len=args.max_seq_len, beam_width=args.beam_width,
-                      beam_length=args.beam_length) as session:
+    with _session(args) as session:
         t0 = time.perf_counter()
         token_ids: list[int] = []
         pieces: list[str] = []
@@ -79,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a completion for one prompt (streamed)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=positive_int, default=128)
-    g.add_argument("--max-seq-len", type=positive_int, default=2048, help="prompt + generated tokens the session holds")
+    g.add_argument("--max-seq-len", type=positive_int,
+                   help="prompt + generated tokens the session holds (default 2048)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: exact sampling")
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
     g.add_argument("--top-p", type=float, default=1.0, help="1.0: no nucleus filter")
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens, with or without drafting)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (same seed, same tokens, with or without drafting)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_model_args(g)
     g.set_defaults(func=_generate)

@@ -94,3 +94,21 @@ def test_counts_below_one_are_refused_naming_the_flag(capsys):
             main(["generate", "--prompt", "Hi", flag, "0"])
         assert stop.value.code == 2
         assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, tmp_path, capsys):
+    from redrafter.builder.build import BuildOptions, build_engine
+
+    base, drafter = tiny_hf_dir
+    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager",
+                                       beam_width=2, beam_length=3, max_seq_len=128, progress=False))
+    args = ["generate", "--prompt", "Hello there", "--max-new-tokens", "10", "--json"]
+    assert main(args + ["--engine", str(engine)]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert main(args + ["--base", str(base), "--no-spec"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
+    assert spec["speculative"] and (spec["beam_width"], spec["beam_length"]) == (2, 3)
+    assert main(args + ["--engine", str(engine), "--base", str(base), "--beam-width", "4"]) == 2
+    assert "--engine fixes the base model, drafter, beam shape and max_seq_len it was built with: drop --base, " \
+           "--beam-width" in capsys.readouterr().err
