@@ -412,6 +412,12 @@ def test_cli_trains_and_reports_errors(tmp_path, tiny_hf_dir, data_file, capsys)
     assert load_drafter(tmp_path / "cli").cfg.head == "shared"
     assert main(args + ["--output", str(tmp_path / "cli")]) == 2
     assert "not empty: pass --resume" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp_path / "deep"), "--draft-layers", "3", "--weight-decay", "0.01"]) == 0
+    assert load_drafter(tmp_path / "deep").cfg.num_draft_layers == 3
+    saved = json.loads((tmp_path / "deep" / "training_config.json").read_text())
+    assert saved["num_draft_layers"] == 3 and saved["weight_decay"] == 0.01
+    assert main(args + ["--output", str(tmp_path / "bad"), "--draft-layers", "-1"]) == 2
+    assert "--draft-layers and --weight-decay must be >= 0" in capsys.readouterr().err
 
 
 def _counting_llama_dir(root: Path, tokenizer_dir: Path) -> Path:

@@ -83,6 +83,9 @@ class TrainConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < self.draft_len + 2:
             raise ValueError(f"--seq-len {self.seq_len} is too short for --draft-len {self.draft_len}")
+        if self.num_draft_layers < 0 or self.weight_decay < 0:
+            raise ValueError(f"--draft-layers and --weight-decay must be >= 0, got {self.num_draft_layers} and "
+                             f"{self.weight_decay}")
         if self.draft_vocab < 0:
             raise ValueError(f"--draft-vocab must be >= 0 (0: the whole vocabulary), got {self.draft_vocab}")
         if self.max_samples is not None and self.max_samples < 1:
