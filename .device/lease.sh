@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on a lent GPU machine, from the repository root (see .device/README.md):
 #   bash .device/lease.sh part1                        # call 1: keep part 1 of the GGUF on the machine
-#   bash .device/lease.sh train T_GEN T_TRAIN EPOCHS   # call 2: answer prompts T_GEN s, then train <= T_TRAIN s
+#   bash .device/lease.sh train T_GEN T_TRAIN EPOCHS [TRAIN ARGS]  # call 2: answer prompts T_GEN s, then
+#                                                                   # train <= T_TRAIN s (extra args: e.g. --draft-layers 4)
 # Call 2 resumes the self-distillation answers after those in .device/data/self.jsonl.xz (when
 # carried) and returns all of them, compressed, with the trained drafter's files in $OUT.
 set -euo pipefail
@@ -32,10 +33,10 @@ train)
         timeout -k 60 "$T_TRAIN" redrafter train --base "$L/smollm2.gguf" --data "$L/sharegpt2048.npz" "$L/self.jsonl" \
             --output "$L/drafter" --seq-len 2048 --epochs "$EPOCHS" --lr 3e-3 --batch-size 2048 --draft-len 4 \
             --head shared --draft-vocab 8192 --labels kl --bf16 --save-dtype float16 --checkpoint-every 500 \
-            --device cuda --cache-dir /dev/shm/teacher || echo "train stopped (rc $?): its checkpoint is in $L/drafter"
+            --device cuda --cache-dir /dev/shm/teacher "${@:5}" || echo "train stopped (rc $?): its checkpoint is in $L/drafter"
         cp "$L"/drafter/{config.json,model.safetensors,metrics.json,training_config.json} "$OUT/" || ls -l "$L/drafter"
     fi
     ls -l "$OUT" ;;
 *)
-    echo "usage: $0 part1 | train T_GEN T_TRAIN EPOCHS" >&2; exit 2 ;;
+    echo "usage: $0 part1 | train T_GEN T_TRAIN EPOCHS [TRAIN ARGS]" >&2; exit 2 ;;
 esac
