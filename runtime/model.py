@@ -204,9 +204,14 @@ def attend(q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor, work: torch.dtyp
     return out.transpose(1, 2).to(q.dtype)
 
 
+WEIGHTS_LEFT_MAX_ROWS = 64  # float32 CPU linears on more rows run as layer(x): see rows_linear
+
+
 def gemm_rows(m: int, dtype: torch.dtype) -> int:
     """The row count rows_linear pads m rows to (see there for the measurements)."""
     if dtype == torch.float32:
+        if m > WEIGHTS_LEFT_MAX_ROWS:
+            return m
         return max(2, 1 << (m - 1).bit_length()) if m <= 16 else -(-m // 16) * 16
     return m + 4 - m % 4 if m >= 2 and m % 4 >= 2 else m
 
@@ -219,7 +224,7 @@ def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
     takes 35 ms for 1 row, 50 for 2, 46 for 4; its 1-row matrix-vector product reads the weights
     at only 12 GB/s. The same product as W @ x.T takes 16 ms for 2 rows (27 GB/s), 20 for 4, 37
     for 8, 45 for 16 and 61 for 32, and more for the counts in between (3: 22, 5-7: 27-56,
-    13-15: 75-90). So float32 rows are padded to 2, 4, 8 or 16, or to a multiple of 16 beyond,
+    13-15: 75-90). So float32 rows are padded to 2, 4, 8 or 16, or to a multiple of 16 up to 64,
     and multiplied as W @ x.T: plain decoding then reads the weights with 2 rows, and verifying a
     few tokens costs little more than decoding one. The LM head likewise: 3.6 ms for 2 rows
     against 10 ms for 1. The padding rows are zeros, dropped after the product. Other dtypes keep
@@ -227,6 +232,13 @@ def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
     count symbolic) get the same W @ x.T with odd counts padded to even, which needs no guard on
     the count; compiled bf16 keeps `layer(x)`. CPU nn.Linear only: builder.quantize's int8/int4
     matmuls have kernels of their own.
+
+    Beyond WEIGHTS_LEFT_MAX_ROWS rows (long prefills, large batches) eager float32 runs
+    `layer(x)`: the product is then bound by arithmetic, not by streaming the weights, and
+    W @ x.T pays for transposing its output. Measured (2 threads, 2026-11-27, medians of 6
+    alternating runs): SmolLM2's prefill of 96 / 128 / 192 / 256 / 512 tokens takes 170 / 215 /
+    310 / 403 / 850 ms as W @ x.T and 162 / 206 / 290 / 378 / 781 ms as layer(x); the LM head
+    over 256 / 512 rows 136 / 268 ms against 114 / 202, and 35-36 ms either way at 64.
     """
     if x.device.type != "cpu" or not isinstance(layer, nn.Linear):
         return layer(x)
@@ -237,7 +249,7 @@ def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
         pad = m % 2  # symbolic row count: pad to even, without guards on its value
     else:
         pad = gemm_rows(m, layer.weight.dtype) - m
-        if pad == 0 and layer.weight.dtype != torch.float32:
+        if pad == 0 and (layer.weight.dtype != torch.float32 or m > WEIGHTS_LEFT_MAX_ROWS):
             return layer(x)
     flat = F.pad(x.reshape(m, x.shape[-1]), (0, 0, 0, pad))
     if layer.weight.dtype == torch.float32:

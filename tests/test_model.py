@@ -91,12 +91,13 @@ def test_smollm2_plain_greedy_equals_transformers(smollm2, mtbench_prompts):
 
 
 def test_rows_linear_pads_rows_to_the_counts_the_cpu_multiplies_fastest():
-    """float32: 2, 4, 8 or 16 rows, then multiples of 16 (as W @ x.T); other dtypes: 2-3 rows
-    (mod 4) padded to 4 (as layer(x)). Padding never changes a row's result."""
+    """float32: 2, 4, 8 or 16 rows, then multiples of 16 up to 64 (as W @ x.T), then as many as
+    there are (as layer(x)); other dtypes: 2-3 rows (mod 4) padded to 4 (as layer(x)). Padding
+    never changes a row's result."""
     from redrafter.runtime.model import gemm_rows
 
-    assert [gemm_rows(m, torch.float32) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33)] == [2, 2, 4, 4, 8, 8, 16, 16,
-                                                                                         32, 48]
+    assert [gemm_rows(m, torch.float32) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64, 65, 300)] == [
+        2, 2, 4, 4, 8, 8, 16, 16, 32, 48, 64, 65, 300]
     assert [gemm_rows(m, torch.bfloat16) for m in range(1, 10)] == [1, 4, 4, 4, 5, 8, 8, 8, 9]
 
 
@@ -106,7 +107,7 @@ def test_rows_linear_returns_the_layers_rows(dtype):
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(16, 8).to(dtype)
-    for m in (1, 2, 3, 5, 17):
+    for m in (1, 2, 3, 5, 17, 65):
         x = torch.randn(1, m, 16, dtype=dtype)
         out = rows_linear(layer, x)
         assert out.shape == (1, m, 8) and out.dtype == dtype
