@@ -101,6 +101,16 @@ def test_rows_linear_pads_rows_to_the_counts_the_cpu_multiplies_fastest():
     assert [gemm_rows(m, torch.bfloat16) for m in range(1, 10)] == [1, 4, 4, 4, 5, 8, 8, 8, 9]
 
 
+def test_float32_products_on_more_than_64_rows_are_the_layers_own():
+    """Long prefills and large batches multiply as x @ W.T (layer(x)), bit for bit."""
+    from redrafter.runtime.model import rows_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 1536)
+    x = torch.randn(1, 65, 576)
+    assert torch.equal(rows_linear(layer, x), layer(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_linear_returns_the_layers_rows(dtype):
     from redrafter.runtime.model import rows_linear
