@@ -36,7 +36,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _session(args: argparse.Namespace) -> Session:
     """A one-slot Session over --engine, or over --base and --drafter."""
-    from redrafter.runtime.session import Session  # noqa: F811 (the import above is for type checkers)
+    from redrafter.runtime.session import Session
 
     if args.engine:
         given = [flag for flag, value in (("--base", args.base), ("--drafter", args.drafter),
@@ -47,9 +47,9 @@ def _session(args: argparse.Namespace) -> Session:
             raise ValueError(f"--engine fixes the base model, drafter, beam shape and max_seq_len it was built with: "
                              f"drop {', '.join(given)}")
         return Session.open(args.engine, max_batch_size=1)
+    length = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}  # else Session.load's default
     return Session.load(args.base or "default", None if args.no_spec else args.drafter or "default", max_batch_size=1,
-                        max_seq_len=args.max_seq_len or 2048, beam_width=args.beam_width,
-                        beam_length=args.beam_length)
+                        beam_width=args.beam_width, beam_length=args.beam_length, **length)
 
 
 def _generate(args: argparse.Namespace) -> int:
