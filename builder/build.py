@@ -185,7 +185,7 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
     from .programs import (DRAFT_INPUTS, FORWARD_INPUTS, BaseForward, DraftBeams, SpeculativeStep, draft_examples,
                            forward_examples, static_span, step_examples)
 
-    capacity = opts.max_seq_len + opts.beam_width * opts.beam_length
+    capacity = opts.cache_capacity
     dev = model.embed.weight.device
     programs = {}
     if opts.backend == "aoti":
@@ -246,8 +246,8 @@ def _tensorrt_plans(tmp: Path, programs: dict[str, str], opts: EngineOptions, mo
     from .tensorrt import build_plans
 
     c = model.cfg
-    cap = opts.max_seq_len + opts.beam_width * opts.beam_length
-    bmax, opt_t = opts.max_batch_size, opts.beam_width * opts.beam_length
+    cap = opts.cache_capacity
+    bmax, opt_t = opts.max_batch_size, cap - opts.max_seq_len
     cache = (c.num_layers, bmax, cap, c.num_kv_heads, c.head_dim)
     profiles = {
         "forward": {"tokens": ((1, 1), (1, opt_t), (bmax, cap - 1)),

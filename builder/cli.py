@@ -30,6 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--exact-attention", action="store_true",
                    help="attend in float64, so that a bfloat16 int8/int4 engine's ReDrafter output equals its own "
                         "plain decoding token for token (costs about 20%% of plain speed on the CPU)")
+    p.add_argument("--lookup", type=int, default=0, metavar="N",
+                   help="context lookup: each step also verifies a beam copying what followed the last 1..N "
+                        "tokens earlier in the text (default 0: off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -41,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
         output=args.output, base=args.base, drafter=args.drafter, dtype=args.dtype, quantize=args.quantize,
         device=args.device, backend=args.backend, beam_width=args.beam_width, beam_length=args.beam_length,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, plugin_ops=args.plugin_ops,
-        exact_attention=args.exact_attention, progress=not args.no_progress))
+        exact_attention=args.exact_attention, lookup_ngram=args.lookup, progress=not args.no_progress))
     print(out)
     return 0

@@ -63,6 +63,7 @@ class EngineOptions:
     # before it existed lack it: their programs draft in float.
     draft_quantize: str | None = None
     exact_attention: bool = False  # attention in float64 (Llama.exact_attention)
+    lookup_ngram: int = 0  # context lookup beam (runtime/lookup.py); 0: off
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -74,6 +75,8 @@ class EngineOptions:
         for name in ("beam_width", "beam_length", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lookup_ngram < 0:
+            raise ValueError(f"lookup_ngram must be >= 0 (0: off), got {self.lookup_ngram}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.exact_attention and self.plugin_ops:
@@ -89,6 +92,11 @@ class EngineOptions:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def cache_capacity(self) -> int:
+        """Positions per slot: max_seq_len plus the largest tree a step verifies (the lookup beam's too)."""
+        return self.max_seq_len + (self.beam_width + (self.lookup_ngram > 0)) * self.beam_length
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "EngineOptions":
@@ -240,7 +248,7 @@ class Engine:
             from .programs import CompiledBase
 
             n = o.max_batch_size
-            model = CompiledBase(self.model, programs.forward, (n, o.max_seq_len + o.beam_width * o.beam_length))
+            model = CompiledBase(self.model, programs.forward, (n, o.cache_capacity))
         if fused_step is None:
             fused_step = (speculative and programs.step is not None
                           and self.model.embed.weight.device.type == "cuda")
@@ -250,7 +258,8 @@ class Engine:
         return Decoder(model, self.drafter if speculative else None, max_batch=n, max_seq_len=o.max_seq_len,
                        beam_width=o.beam_width, beam_length=o.beam_length,
                        draft=programs.draft if speculative else None,
-                       fused_step=programs.step if speculative and fused_step else None)
+                       fused_step=programs.step if speculative and fused_step else None,
+                       lookup_ngram=o.lookup_ngram if speculative and self.drafter is not None else 0)
 
 
 @dataclass

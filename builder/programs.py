@@ -228,8 +228,12 @@ class CompiledBase(nn.Module):
         self.program, self.cache_shape = program, tuple(cache_shape)
 
     def new_cache(self, slots: int, capacity: int) -> KVCache:
+        """The cache the programs were compiled for, whose positions cover `capacity` (a plain
+        decoder of an engine built with a lookup beam asks for fewer)."""
+        if capacity > self.cache_shape[1]:
+            raise ValueError(f"a cache of {capacity} positions exceeds the engine's {self.cache_shape[1]}")
         p = self.embed.weight
-        return KVCache(self.cfg, slots, capacity, p.dtype, p.device)
+        return KVCache(self.cfg, slots, self.cache_shape[1], p.dtype, p.device)
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
                 starts: Tensor, tree_mask: Tensor, use_plugins: bool = False) -> Tensor:

@@ -31,6 +31,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beam-width", type=positive_int, default=None, help="W: beams drafted per step (default 1)")
     p.add_argument("--beam-length", type=positive_int, default=None,
                    help="L: tokens per beam, counting the guaranteed token (L-1 drafted tokens; default 2)")
+    p.add_argument("--lookup", type=positive_int, default=None, metavar="N",
+                   help="context lookup: also verify a beam copying what followed the last 1..N tokens earlier "
+                        "in the text (off by default)")
     p.add_argument("--no-spec", action="store_true", help="plain greedy decoding, no drafter")
 
 
@@ -41,15 +44,19 @@ def _session(args: argparse.Namespace) -> Session:
     if args.engine:
         given = [flag for flag, value in (("--base", args.base), ("--drafter", args.drafter),
                                           ("--beam-width", args.beam_width), ("--beam-length", args.beam_length),
-                                          ("--max-seq-len", args.max_seq_len), ("--no-spec", args.no_spec or None))
+                                          ("--max-seq-len", args.max_seq_len), ("--lookup", args.lookup),
+                                          ("--no-spec", args.no_spec or None))
                  if value is not None]
         if given:
-            raise ValueError(f"--engine fixes the base model, drafter, beam shape and max_seq_len it was built with: "
-                             f"drop {', '.join(given)}")
+            raise ValueError(f"--engine fixes the base model, drafter, beam shape and max_seq_len it was built with "
+                             f"(and has no room for a lookup beam): drop {', '.join(given)}")
         return Session.open(args.engine, max_batch_size=1)
+    if args.no_spec and args.lookup:
+        raise ValueError("--lookup adds a beam to the drafter's: drop --no-spec or --lookup")
     length = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}  # else Session.load's default
     return Session.load(args.base or "default", None if args.no_spec else args.drafter or "default", max_batch_size=1,
-                        beam_width=args.beam_width, beam_length=args.beam_length, **length)
+                        beam_width=args.beam_width, beam_length=args.beam_length, lookup_ngram=args.lookup or 0,
+                        **length)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -77,7 +84,8 @@ def _generate(args: argparse.Namespace) -> int:
         "tokens_per_step": round(m["tokens_per_step"], 3), "tok_per_s": round(len(token_ids) / seconds, 2),
         "time_to_first_token_s": round(m["ttft_s"]["mean"], 4), "seconds": round(seconds, 3),
         "finish_reason": delta.finish_reason, "speculative": speculative, "beam_width": shape[0],
-        "beam_length": shape[1], "temperature": args.temperature, "seed": args.seed,
+        "beam_length": shape[1], "lookup_ngram": session.decoder.lookup_ngram, "temperature": args.temperature,
+        "seed": args.seed,
     }
     if args.json:
         print(json.dumps(summary))

@@ -7,6 +7,9 @@ one base forward over the packed tokens -> accept the longest correct prefix -> 
 the accepted path's KV entries -> continue from the last accepted token's hidden state
 with the bonus token as the next token.
 
+With `lookup_ngram` > 0 a step adds one more beam: the continuation of the latest earlier
+occurrence of the sequence's last tokens (runtime/lookup.py), verified like the drafted ones.
+
 Slots prefilled with a `SlotSampler` sample instead of taking the argmax: their steps walk
 the packed tree (acceptance.tree_walk), which keeps the output distribution exactly that
 of plain sampling. A batch may mix greedy and sampling slots.
@@ -23,6 +26,7 @@ from torch import Tensor
 from .acceptance import greedy_verify, tree_walk
 from .beam_search import beam_search
 from .drafter import DraftHead, check_compatible
+from .lookup import lookup_beam
 from .model import Llama, causal_mask, lm_head_weight
 from .sampling import BatchSampling, SlotSampler, draw, processed_probs
 from .tree import PackedBeams, pack_beams
@@ -39,24 +43,32 @@ class Decoder:
 
     beam_width x beam_length also sizes the scratch area past each sequence, i.e. the
     largest tree a step can verify; `set_beam_shape` picks any shape within it per step.
+    lookup_ngram > 0 adds a beam copied from each sequence's earlier tokens after a match of
+    its last 1..lookup_ngram tokens (runtime/lookup.py); it needs a drafter.
     """
 
     def __init__(self, model: Llama, drafter: DraftHead | None = None, *, max_batch: int = 1,
                  max_seq_len: int = 2048, beam_width: int = 4, beam_length: int = 4,
                  use_plugins: bool = False, draft: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 fused_step: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None):
+                 fused_step: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, lookup_ngram: int = 0):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam width and length must be >= 1, got W={beam_width}, L={beam_length}")
+        if lookup_ngram < 0 or (lookup_ngram and drafter is None):
+            raise ValueError(f"lookup_ngram={lookup_ngram}: give 0 (off) or a positive n-gram length, "
+                             "with a drafter (context lookup adds a beam to the drafter's)")
         if drafter is not None:
             check_compatible(drafter.cfg, model.cfg.vocab_size, model.cfg.hidden_size)
         self.model, self.drafter = model, drafter
         # The shared head's rows of the base LM head, gathered once (draft vocabulary).
         self._draft_lm_head = drafter.output_weight(lm_head_weight(model)) if drafter is not None else None
         self.beam_width, self.beam_length = beam_width, beam_length
+        self.lookup_ngram = lookup_ngram
         self.max_seq_len = max_seq_len
-        self.max_tree_tokens = beam_width * beam_length
+        self.max_tree_tokens = self.tree_tokens(beam_width, beam_length)
         self.cache = model.new_cache(max_batch, max_seq_len + self.max_tree_tokens)
         dev = model.embed.weight.device
+        # Every slot's tokens (prompt, emitted, the next token last), for context lookup.
+        self.history = torch.zeros(max_batch, max_seq_len + self.max_tree_tokens, dtype=torch.long, device=dev)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.next_token = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.hidden = torch.zeros(max_batch, model.cfg.hidden_size, dtype=model.embed.weight.dtype, device=dev)
@@ -83,11 +95,15 @@ class Decoder:
     def speculative(self) -> bool:
         return self.drafter is not None and self.beam_length > 1
 
+    def tree_tokens(self, width: int, length: int) -> int:
+        """The most tokens a step with `width` drafted beams of `length` verifies (lookup's beam included)."""
+        return (width + (self.lookup_ngram > 0)) * length
+
     def set_beam_shape(self, width: int, length: int) -> None:
         """Draft `width` beams of `length` tokens from the next step on (length 1: plain steps)."""
         if width < 1 or length < 1:
             raise ValueError(f"beam width and length must be >= 1, got W={width}, L={length}")
-        if width * length > self.max_tree_tokens:
+        if self.tree_tokens(width, length) > self.max_tree_tokens:
             raise ValueError(f"beam shape {width}x{length} exceeds the decoder's scratch area of "
                              f"{self.max_tree_tokens} tokens: build the decoder with a larger beam shape")
         self.beam_width, self.beam_length = width, length
@@ -123,6 +139,8 @@ class Decoder:
         token = self._pick(self.model.logits(hidden), sampling, 0)
         self._consume(slots, [1] * b)
         self.lengths[slot_t], self.next_token[slot_t], self.hidden[slot_t] = lengths, token, hidden
+        self.history[slot_t, :t] = ids
+        self.history[slot_t, lengths] = token
         return token.tolist()
 
     @torch.inference_mode()
@@ -162,16 +180,14 @@ class Decoder:
                             use_plugins=self.use_plugins)
         new = self._pick(self.model.logits(hidden[:, 0]), self._sampling(slot_list, 1), 0)
         self._consume(slot_list, [1] * b)
-        self.lengths[slots] = starts + 1
-        self.next_token[slots], self.hidden[slots] = new, hidden[:, 0]
-        return StepOutput(new[:, None], torch.ones_like(new))
+        return self._advance(slots, starts, new[:, None], torch.ones_like(new), hidden[:, 0])
 
     def _speculative_step(self, slots: Tensor) -> StepOutput:
         m = self.model
         slot_list = slots.tolist()
         sampling = self._sampling(slot_list, self.beam_length)
         starts = self.lengths[slots]
-        if sampling is None and self.fused_step is not None and self._built_shape():
+        if sampling is None and self.fused_step is not None and self._built_shape() and not self.lookup_ngram:
             return self._fused_step(slots, starts)
         beams, packed = self._draft_and_pack(slots)
         positions = starts[:, None] + packed.depth
@@ -198,6 +214,8 @@ class Decoder:
         self.lengths[slots] = starts + counts
         self.next_token[slots] = tokens[rows, counts - 1]
         self.hidden[slots] = hidden
+        # Emitted tokens follow the previous next token; columns past counts are overwritten later.
+        self.history[slots[:, None], starts[:, None] + 1 + torch.arange(tokens.shape[1], device=self.device)] = tokens
         return StepOutput(tokens, counts)
 
     def _built_shape(self) -> bool:
@@ -205,20 +223,25 @@ class Decoder:
         return (self.beam_width, self.beam_length) == self._draft_shape
 
     def _draft_and_pack(self, slots: Tensor) -> tuple[Tensor, PackedBeams]:
-        """Beams [B, W, L] and their packed tree, from the plugin ops, the engine's compiled
-        drafting program (while the beam shape is the built one) or the eager beam search."""
+        """Beams [B, W, L] (W + 1 with context lookup) and their packed tree; the drafted ones from
+        the plugin ops, the engine's compiled drafting program (while the beam shape is the built
+        one) or the eager beam search."""
         m, head = self.model, self.drafter
         context, first = self.hidden[slots], self.next_token[slots]
         base_head = self._draft_lm_head
         if self.use_plugins:
             beams = self.plugin_ops.draft(head, m.embed.weight, base_head, context, first,
                                           self.beam_width, self.beam_length)
-            return beams, self.plugin_ops.pack(beams)
-        if self.draft is not None and self._built_shape():
+        elif self.draft is not None and self._built_shape():
             beams = self.draft(context, first)
         else:
             beams, _ = beam_search(head, m.embed.weight, base_head, context, first, self.beam_width, self.beam_length)
-        return beams, pack_beams(beams)
+        if self.lookup_ngram:
+            ends = self.lengths[slots]
+            history = self.history[slots, : int(ends.max()) + 1]
+            copied = lookup_beam(history, ends, self.beam_length, self.lookup_ngram, beams[:, 0])
+            beams = torch.cat((beams, copied[:, None]), dim=1)
+        return beams, self.plugin_ops.pack(beams) if self.use_plugins else pack_beams(beams)
 
     def _commit(self, slots: Tensor, starts: Tensor, path: Tensor) -> None:
         if self.use_plugins:

@@ -147,9 +147,10 @@ class Session:
         self.vocab_size = decoder.model.cfg.vocab_size
         self.beam_policy = beam_policy or BeamPolicy.fixed(decoder.beam_width, decoder.beam_length)
         w, l = self.beam_policy.largest_shape
-        if decoder.drafter is not None and w * l > decoder.max_tree_tokens:
-            raise ValueError(f"beam policy shape {w}x{l} needs {w * l} tree tokens but the decoder was built "
-                             f"for {decoder.max_tree_tokens}: build it with the policy's largest beam shape")
+        if decoder.drafter is not None and decoder.tree_tokens(w, l) > decoder.max_tree_tokens:
+            raise ValueError(f"beam policy shape {w}x{l} needs {decoder.tree_tokens(w, l)} tree tokens but the "
+                             f"decoder was built for {decoder.max_tree_tokens}: build it with the policy's largest "
+                             "beam shape")
         self._sched: SlotScheduler[_Request] = SlotScheduler(self.max_batch_size, prefill_token_budget)
         self._lock = threading.Condition()
         self._live: dict[str, _Request] = {}
@@ -168,9 +169,10 @@ class Session:
              max_batch_size: int = 8, max_seq_len: int = 2048, beam_width: int | None = None,
              beam_length: int | None = None, *,
              beam_policy: Policy | str | None = None, dtype: torch.dtype = torch.float32,
-             device: str = "cpu", prefill_token_budget: int = 8192) -> "Session":
+             device: str = "cpu", prefill_token_budget: int = 8192, lookup_ngram: int = 0) -> "Session":
         """A session over a base model and drafter (None: plain decoding). Beams not given take the
         device's default (scheduler.default_beam_shape: W1 L2 on a CPU, W4 L4 on a GPU).
+        lookup_ngram > 0 adds a context lookup beam to every step's drafts (Decoder).
         beam_policy: None (always beam_width x beam_length), "adaptive" (a MeasuredBeamPolicy over
         shapes up to beam_width x beam_length, plain decoding included) or a policy object."""
         from .pipeline import load
@@ -181,7 +183,7 @@ class Session:
                          length if beam_length is None else beam_length)
         w, l = policy.largest_shape
         decoder = Decoder(loaded.model, loaded.drafter, max_batch=max_batch_size, max_seq_len=max_seq_len,
-                          beam_width=w, beam_length=l)
+                          beam_width=w, beam_length=l, lookup_ngram=lookup_ngram)
         return cls(decoder, loaded.tokenizer, loaded.eos_ids, beam_policy=policy,
                    prefill_token_budget=prefill_token_budget)
 

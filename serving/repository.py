@@ -41,18 +41,22 @@ class ModelSource:
     # (runtime/scheduler.py); on this project's CPU, over plain and W1 L2, 1.17x plain decoding at
     # batch 1 and 0.98-0.99x at batch 2-8, where fixed W1 L2 fell to 0.90x (BENCHMARKS.md).
     beam_policy: str = "adaptive"
+    lookup_ngram: int = 0  # base + drafter only (an engine has its own): context lookup beam, 0 = off
 
     def __post_init__(self) -> None:
         if bool(self.engine) == bool(self.base):
             raise ValueError("serve either an engine (--engine DIR) or a base model and drafter (--base, --drafter)")
         if self.beam_policy not in BEAM_POLICIES:
             raise ValueError(f"beam policy {self.beam_policy!r} is unknown: choose one of {', '.join(BEAM_POLICIES)}")
-        for name in ("max_batch_size", "max_seq_len", "beam_width", "beam_length"):
+        for name in ("max_batch_size", "max_seq_len", "beam_width", "beam_length", "lookup_ngram"):
             value = getattr(self, name)
             least = 1 if name == "max_seq_len" else 0
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r} is invalid: give a positive integer"
                                  + ("" if least else " (or 0 for the default)"))
+        if self.lookup_ngram and (self.engine or self.drafter == "none"):
+            raise ValueError("a lookup beam needs --base with a drafter (an engine is built with its own "
+                             "`redrafter build --lookup`): drop --lookup")
         if self.engine and not (Path(self.engine) / "config.json").is_file():
             raise FileNotFoundError(f"{self.engine!r} is not an engine directory (no config.json): "
                                     "build one with `redrafter build`")
@@ -62,8 +66,9 @@ class ModelSource:
             return f"engine {self.engine}"
         width, length = default_beam_shape("cpu")
         beams = f"{self.beam_width or width}x{self.beam_length or length}"
+        lookup = f", lookup {self.lookup_ngram}" if self.lookup_ngram else ""
         return (f"base {self.base} + drafter {self.drafter} (max_seq_len {self.max_seq_len}, "
-                f"beams {beams}, {self.beam_policy})")
+                f"beams {beams}{lookup}, {self.beam_policy})")
 
     @classmethod
     def create(cls, engine: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
@@ -93,7 +98,7 @@ class ModelSource:
         return Session.load(self.base, None if self.drafter == "none" else self.drafter,
                             max_batch_size=self.max_batch_size or 8, max_seq_len=self.max_seq_len,
                             beam_width=self.beam_width or None, beam_length=self.beam_length or None,
-                            beam_policy=policy)
+                            beam_policy=policy, lookup_ngram=self.lookup_ngram)
 
 
 def model_config(name: str, source: ModelSource, instances: int = 1) -> str:

@@ -95,11 +95,11 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
 
     png = tmp_path / "plots" / "bench.png"
     rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "6", "--batch-sizes", "1,2",
-                     "--beam-width", "1,2", "--beam-length", "3", "--peers", "hf,llamacpp",
+                     "--beam-width", "1,2", "--beam-length", "3", "--lookup", "0,2", "--peers", "hf,llamacpp",
                      "--plot", str(png)))
     assert rc == 0
     table = capsys.readouterr().out
-    assert "redrafter W2 L3" in table and "identical" in table
+    assert "redrafter W2 L3 +lookup2" in table and "identical" in table
 
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["schema"] == "redrafter-bench/1" and report["identical"] is True
@@ -109,14 +109,15 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert "git_commit" in m and "git_dirty" in m
     s = report["settings"]
     assert s["questions"] == 3 and s["max_new_tokens"] == 6 and s["batch_sizes"] == [1, 2]
-    assert s["configs"] == [[1, 3], [2, 3]] and s["temperature"] == 0.0
+    assert s["configs"] == [[1, 3, 0], [1, 3, 2], [2, 3, 0], [2, 3, 2]] and s["temperature"] == 0.0
     assert [p["index"] for p in report["prompts"]] == [0, 1, 2]
     assert all(p["prompt_tokens"] > 5 for p in report["prompts"])  # the chat template was applied
     # llama.cpp needs a GGUF file; this base is an HF directory.
     assert any("llama.cpp peer skipped" in n for n in report["notes"])
 
     by_key = {(r["label"], r["batch_size"]): r for r in report["results"]}
-    labels = ("plain", "redrafter W1 L3", "redrafter W2 L3", "hf")
+    labels = ("plain", "redrafter W1 L3", "redrafter W1 L3 +lookup2", "redrafter W2 L3", "redrafter W2 L3 +lookup2",
+              "hf")
     assert set(by_key) == {(label, b) for b in (1, 2) for label in labels}
     for (label, b), r in by_key.items():
         assert r["prompts"] == 3 and 3 <= r["tokens"] <= 3 * 6
@@ -128,6 +129,7 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
             assert len(acc) == r["beam_length"] - 1 and all(0 <= a <= 1 for a in acc)
             assert acc == sorted(acc, reverse=True)
             assert r["tokens_per_step"] == pytest.approx(1 + r["mean_accepted"])
+            assert r["lookup_ngram"] == (2 if label.endswith("+lookup2") else 0)
             assert r["identical"] is True and r["mismatches"] == [] and r["agreement"] is None
         elif r["system"] == "plain":
             assert r["speedup"] == 1.0 and r["tokens_per_step"] == 1.0 and r["identical"] is True
@@ -205,6 +207,7 @@ def test_plain_only_without_a_drafter(tiny_hf_dir, prompt_file, tmp_path):
     (["--beam-width", "2,x"], "expected comma-separated integers"),
     (["--beam-length", "1"], "beam length L (it counts the guaranteed token) must be >= 2"),
     (["--batch-sizes", "0,2"], "batch sizes must be >= 1"),
+    (["--lookup", "-1"], "lookup n-gram must be >= 0"),
     (["--questions", "0"], "must be >= 1"),
     (["--peers", "vllm"], "unknown peer(s) ['vllm']"),
 ])
@@ -239,7 +242,7 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
             "--max-new-tokens", "4", "--batch-sizes", "2", "--peers", "hf", "--json", str(json_out)]
     assert main(args) == 0
     report = json.loads(json_out.read_text())
-    assert report["settings"]["engine"] == str(engine) and report["settings"]["configs"] == [[2, 3]]
+    assert report["settings"]["engine"] == str(engine) and report["settings"]["configs"] == [[2, 3, 0]]
     assert [(r["label"], r["batch_size"]) for r in report["results"]] == [
         ("plain", 2), ("redrafter W2 L3", 2), ("hf", 2)]
     assert report["identical"] is True
@@ -249,3 +252,5 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert "the engine was built for W=2, L=3" in capsys.readouterr().err
     assert main([*args[:-2], "--batch-sizes", "4"]) == 2
     assert "exceeds the engine's max batch size 2" in capsys.readouterr().err
+    assert main([*args[:-2], "--lookup", "2"]) == 2
+    assert "--lookup is not available for engines" in capsys.readouterr().err

@@ -27,6 +27,18 @@ def test_generate_json_matches_no_spec(tiny_hf_dir, capsys):
     assert plain["steps"] == plain["tokens"] - 1 and plain["tokens_per_step"] == 1.0
 
 
+def test_generate_with_context_lookup_emits_the_plain_tokens(tiny_hf_dir, capsys):
+    base, drafter = tiny_hf_dir
+    args = ["generate", "--prompt", "one two one two one two", "--max-new-tokens", "24", "--base", str(base), "--json"]
+    assert main(args + ["--drafter", str(drafter), "--beam-length", "4", "--lookup", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert main(args + ["--no-spec"]) == 0
+    assert spec["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+    assert spec["lookup_ngram"] == 3 and spec["speculative"]
+    assert main(args + ["--no-spec", "--lookup", "3"]) == 2
+    assert "--lookup adds a beam to the drafter's: drop --no-spec or --lookup" in capsys.readouterr().err
+
+
 def test_sampled_generation_is_the_same_with_and_without_drafting(tiny_hf_dir, capsys):
     """Exact sampling draws token n with the request's n-th seeded uniform from the base
     model's distribution, so drafting changes the steps, not the tokens."""
@@ -89,7 +101,7 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
 
 
 def test_counts_below_one_are_refused_naming_the_flag(capsys):
-    for flag in ("--beam-width", "--beam-length", "--max-new-tokens", "--max-seq-len"):
+    for flag in ("--beam-width", "--beam-length", "--max-new-tokens", "--max-seq-len", "--lookup"):
         with pytest.raises(SystemExit) as stop:
             main(["generate", "--prompt", "Hi", flag, "0"])
         assert stop.value.code == 2
@@ -109,6 +121,6 @@ def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, 
     plain = json.loads(capsys.readouterr().out)
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["speculative"] and (spec["beam_width"], spec["beam_length"]) == (2, 3)
-    assert main(args + ["--engine", str(engine), "--base", str(base), "--beam-width", "4"]) == 2
-    assert "--engine fixes the base model, drafter, beam shape and max_seq_len it was built with: drop --base, " \
-           "--beam-width" in capsys.readouterr().err
+    assert main(args + ["--engine", str(engine), "--base", str(base), "--beam-width", "4", "--lookup", "2"]) == 2
+    assert "--engine fixes the base model, drafter, beam shape and max_seq_len it was built with (and has no room " \
+           "for a lookup beam): drop --base, --beam-width, --lookup" in capsys.readouterr().err

@@ -25,6 +25,46 @@ def test_random_drafter_is_lossless(tiny_model, width, length, head, draft_vocab
     assert [g.token_ids for g in got] == ref
 
 
+@pytest.mark.parametrize("width,length,lookup", [(1, 4, 3), (3, 3, 2), (2, 5, 1)])
+def test_context_lookup_is_lossless(tiny_model, width, length, lookup):
+    d = tiny_drafter(tiny_model)
+    ref = plain(tiny_model, PROMPTS, 30)
+    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, beam_width=width, beam_length=length,
+                  lookup_ngram=lookup)
+    assert [g.token_ids for g in generate(dec, PROMPTS, 30)] == ref
+
+
+def test_a_right_lookup_beam_is_accepted_when_every_drafted_beam_is_wrong(monkeypatch, tiny_model):
+    """The lookup beam is verified and committed like a drafted one: with oracle lookups and
+    drafted beams wrong from their first draft on, every step accepts the lookup beam whole."""
+    ref = plain(tiny_model, PROMPTS, 30)
+    length, vocab = 4, tiny_model.cfg.vocab_size
+    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=4, max_seq_len=128, beam_width=2,
+                  beam_length=length, lookup_ngram=2)
+    stepping = []
+    step = dec.step
+    monkeypatch.setattr(dec, "step", lambda slots: stepping.append(slots) or step(slots))
+
+    def truth() -> torch.Tensor:
+        """[B, L]: each stepping slot's true continuation, its guaranteed token first."""
+        rows = []
+        for slot in stepping[-1].tolist():
+            emitted = int(dec.lengths[slot]) - len(PROMPTS[slot])  # ref index of the guaranteed token
+            rows.append((ref[slot][emitted:] + [0] * length)[:length])
+        return torch.tensor(rows)
+
+    def wrong_beams(head, embed, base_lm_head, context, first_token, width, length, return_log_probs=False):
+        beams = truth()
+        beams[:, 1:] = (beams[:, 1:] + 1) % vocab
+        return beams[:, None].repeat(1, width, 1), None
+
+    monkeypatch.setattr(decoding, "beam_search", wrong_beams)
+    monkeypatch.setattr(decoding, "lookup_beam", lambda history, ends, length, max_ngram, fallback: truth())
+    got = generate(dec, PROMPTS, 30)
+    assert [g.token_ids for g in got] == ref
+    assert all(a == length - 1 for g in got for a in g.accepted_per_step[:-1])
+
+
 class OracleBeams:
     """Replaces beam search with beams cut from the true greedy continuation, each corrupted
     at a random depth (or not at all), so steps accept 0..L-1 drafts on varying beams and
@@ -121,3 +161,22 @@ def test_smollm2_lossless_batch_1_and_4(monkeypatch, smollm2, mtbench_prompts, w
     got = generate(oracle_dec, prompts, n, smollm2.eos_ids)
     assert [g.token_ids for g in got] == ref
     assert max(a for g in got for a in g.accepted_per_step) == length - 1
+
+
+@pytest.mark.slow
+def test_smollm2_with_context_lookup_is_lossless_and_takes_fewer_steps(smollm2, mtbench_prompts):
+    """The real model repeats phrases of its prompt and of its own answer: the lookup beam is
+    accepted often enough to save steps, and the output stays plain greedy decoding's."""
+    from redrafter.runtime.drafter import load_drafter
+    from redrafter.runtime.pipeline import default_drafter_dir
+
+    m, drafter = smollm2.model, load_drafter(default_drafter_dir())
+    prompts = [smollm2.encode_chat(p) for p in mtbench_prompts]
+    ref = [g.token_ids for g in generate(Decoder(m, None, max_batch=4, max_seq_len=512), prompts, 64, smollm2.eos_ids)]
+    steps = {}
+    for lookup in (0, 3):
+        dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=1, beam_length=4, lookup_ngram=lookup)
+        got = generate(dec, prompts, 64, smollm2.eos_ids)
+        assert [g.token_ids for g in got] == ref
+        steps[lookup] = sum(g.steps for g in got)
+    assert steps[3] < 0.95 * steps[0]

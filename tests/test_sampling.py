@@ -158,12 +158,14 @@ def _sample(decoder: Decoder, seeds: list[int], n_tokens: int, **filters) -> lis
 
 
 @pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])
-@pytest.mark.parametrize("shape", [(3, 4), (8, 3), (2, 6)], ids=lambda s: f"W{s[0]}L{s[1]}")
+@pytest.mark.parametrize("shape", [(3, 4, 0), (8, 3, 0), (2, 6, 0), (1, 5, 3)],
+                         ids=lambda s: f"W{s[0]}L{s[1]}" + (f"+lookup{s[2]}" if s[2] else ""))
 def test_seeded_redrafter_sampling_equals_seeded_plain_sampling(small_vocab, shape, filters):
     model, drafter = small_vocab
     seeds = list(range(64))
     plain = _sample(Decoder(model, None, max_batch=64, max_seq_len=32), seeds, 16, **filters)
-    spec_decoder = Decoder(model, drafter, max_batch=64, max_seq_len=32, beam_width=shape[0], beam_length=shape[1])
+    spec_decoder = Decoder(model, drafter, max_batch=64, max_seq_len=32, beam_width=shape[0], beam_length=shape[1],
+                           lookup_ngram=shape[2])
     spec = _sample(spec_decoder, seeds, 16, **filters)
     assert spec == plain
     assert len({tuple(s) for s in spec}) > 32  # the seeds really give different samples
@@ -248,28 +250,51 @@ def apple_rule_first_token(decoder: Decoder, slots: torch.Tensor, filters: dict,
     return torch.where(n >= 1, beams[rows, beam, 1], resampled)
 
 
-@pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])
-def test_redrafter_sampling_matches_the_exact_distribution_and_apples_rule_does_not(small_vocab, filters):
-    """4000 seeded requests decoded together with W=3, L=4 (the walk both follows and leaves
-    the tree, at several depths): the joint law of the first three tokens fits the exact one."""
-    model, drafter = small_vocab
-    n = 4000
-    exact = _exact_joint(model, filters)
-    dec = Decoder(model, drafter, max_batch=n, max_seq_len=16, beam_width=3, beam_length=4)
-    slots = torch.arange(n)
+def _prefill(dec: Decoder, filters: dict) -> tuple[torch.Tensor, list[int]]:
+    """One seeded request per slot of `dec`, all on PROMPT: (slots, first tokens)."""
+    n = dec.cache.slots
     samplers = [SlotSampler(SamplingParams(seed=s, **filters)) for s in range(n)]
-    first = dec.prefill_batch(slots.tolist(), [PROMPT] * n, samplers)
+    return torch.arange(n), dec.prefill_batch(list(range(n)), [PROMPT] * n, samplers)
 
-    # Apple's rule from the same states (its forward only writes scratch KV entries).
-    apple_second = apple_rule_first_token(dec, slots, filters, torch.Generator().manual_seed(0))
-    apple = _histogram([[a, b] for a, b in zip(first, apple_second.tolist())], 2)
 
+def _first_three(dec: Decoder, slots: torch.Tensor, first: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Step until every request has three tokens: (tokens, tokens emitted by each step)."""
     out, emitted = [[t] for t in first], []
     while min(len(o) for o in out) < 3:
         step = dec.step(slots)
         emitted += step.counts.tolist()
         for o, row, c in zip(out, step.tokens.tolist(), step.counts.tolist()):
             o += row[:c]
+    return out, emitted
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])
+def test_sampling_with_a_lookup_beam_matches_the_exact_distribution(small_vocab, filters):
+    """W=1 drafts plus the context lookup beam: with 8 tokens most sampled tokens occurred in PROMPT
+    before, so the beam copies what followed them there (about 2% more tokens per step than W=1 alone)."""
+    model, drafter = small_vocab
+    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, beam_width=1, beam_length=4, lookup_ngram=2)
+    slots, first = _prefill(dec, filters)
+    out, emitted = _first_three(dec, slots, first)
+    assert {2, 3} <= set(emitted)
+    p = _g_test(_histogram(out, 3), _exact_joint(model, filters))
+    assert p > 1e-3, f"samples with a lookup beam do not fit the exact distribution (p={p:.2e})"
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])
+def test_redrafter_sampling_matches_the_exact_distribution_and_apples_rule_does_not(small_vocab, filters):
+    """4000 seeded requests decoded together with W=3, L=4 (the walk both follows and leaves
+    the tree, at several depths): the joint law of the first three tokens fits the exact one."""
+    model, drafter = small_vocab
+    exact = _exact_joint(model, filters)
+    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, beam_width=3, beam_length=4)
+    slots, first = _prefill(dec, filters)
+
+    # Apple's rule from the same states (its forward only writes scratch KV entries).
+    apple_second = apple_rule_first_token(dec, slots, filters, torch.Generator().manual_seed(0))
+    apple = _histogram([[a, b] for a, b in zip(first, apple_second.tolist())], 2)
+
+    out, emitted = _first_three(dec, slots, first)
     assert {1, 2, 3} <= set(emitted)  # trees were left at the root, after one and after two drafts
     p_redrafter = _g_test(_histogram(out, 3), exact)
     p_apple = _g_test(apple, exact.sum(-1))

@@ -29,9 +29,10 @@ def solo_greedy(model, prompt: list[int], n: int, eos=()) -> list[int]:
     return generate(Decoder(model, None, max_batch=1, max_seq_len=MAX_SEQ_LEN), [prompt], n, eos)[0].token_ids
 
 
-def make_session(tiny, slots=4, width=3, length=4, **kw) -> Session:
+def make_session(tiny, slots=4, width=3, length=4, lookup=0, **kw) -> Session:
     model, drafter = tiny
-    dec = Decoder(model, drafter, max_batch=slots, max_seq_len=MAX_SEQ_LEN, beam_width=width, beam_length=length)
+    dec = Decoder(model, drafter, max_batch=slots, max_seq_len=MAX_SEQ_LEN, beam_width=width, beam_length=length,
+                  lookup_ngram=lookup)
     return Session(dec, **kw)
 
 
@@ -228,12 +229,13 @@ def test_stop_token_ids_and_eos(tiny):
     assert ignored.token_ids == ref and ignored.finish_reason == "length"
 
 
-def test_adaptive_beam_policy_changes_shape_with_batch_size_and_stays_lossless(tiny):
+@pytest.mark.parametrize("lookup", [0, 2])
+def test_adaptive_beam_policy_changes_shape_with_batch_size_and_stays_lossless(tiny, lookup):
     model, _ = tiny
     policy = BeamPolicy.from_table({1: (4, 4), 2: (2, 3), 3: (1, 1)})
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10]]
     lengths = [40, 10, 20, 30]  # the batch shrinks 4 -> 3 -> 2 -> 1 as requests finish
-    with make_session(tiny, slots=4, width=4, length=4, beam_policy=policy) as s:
+    with make_session(tiny, slots=4, width=4, length=4, lookup=lookup, beam_policy=policy) as s:
         outs = s.generate(prompts, [SamplingParams(max_new_tokens=n) for n in lengths])
         shapes = s.metrics()["beam_shapes"]
     assert [o.token_ids for o in outs] == [solo_greedy(model, p, n) for p, n in zip(prompts, lengths)]
@@ -251,6 +253,8 @@ def test_beam_policy_tables_and_limits(tiny):
         BeamPolicy.from_table({2: (4, 4)})
     with pytest.raises(ValueError, match="shape 8x5 needs 40 tree tokens but the decoder was built for 12"):
         make_session(tiny, width=3, length=4, beam_policy=policy)
+    with pytest.raises(ValueError, match="shape 8x5 needs 45 tree tokens but the decoder was built for 16"):
+        make_session(tiny, width=3, length=4, lookup=3, beam_policy=policy)
 
 
 def test_measured_policy_warms_up_then_exploits_and_keeps_exploring():

@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--beam-width", type=_int_list("beam width W", 1), metavar="W,...", help="default 4")
     p.add_argument("--beam-length", type=_int_list("beam length L (it counts the guaranteed token)", 2),
                    metavar="L,...", help="default 4; every (W, L) pair of the two lists is measured")
+    p.add_argument("--lookup", type=_int_list("lookup n-gram", 0), default=[0], metavar="N,...",
+                   help="context lookup: add a beam copying what followed the last 1..N tokens earlier in the "
+                        "sequence (0 = off, the default); every (W, L) pair is measured with each N")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples through the serving Session, seeded per prompt")
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     if len(texts) < args.questions:
         notes.append(f"{args.dataset} has {len(texts)} prompts; --questions {args.questions} asked for more")
-    target = open_target(args.engine, args.base, args.drafter, args.beam_width, args.beam_length,
+    target = open_target(args.engine, args.base, args.drafter, args.beam_width, args.beam_length, args.lookup,
                          args.batch_sizes, args.device)
     prompts = [target.encode_chat(t) for t in texts]
     load_before = report.load_average()
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     mode = "greedy" if args.temperature == 0 else f"sampled (T={args.temperature}, seed {args.seed}+i)"
 
     settings = {**target.settings, "dataset": args.dataset, "questions": len(prompts),
-                "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_sizes, "configs": target.shapes,
+                "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_sizes, "configs": target.configs,
                 "temperature": args.temperature, "seed": args.seed, "peers": args.peers, "threads": threads,
                 "reference": f"our plain {mode} decoding at batch {args.batch_sizes[0]}"}
     machine = report.machine_info(threads) | {"load_average_before": load_before}
@@ -169,13 +172,13 @@ def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[in
 
     runs: dict[tuple[str, int], list] = defaultdict(list)  # (label, batch) -> [(prompt indices, Run)]
     systems_by_key = {}
-    n_systems = {b: 1 + len(target.shapes) + (hf_model is not None) + (llama is not None and b == 1)
+    n_systems = {b: 1 + len(target.configs) + (hf_model is not None) + (llama is not None and b == 1)
                  for b in batch_sizes}
     with tqdm(total=sum(n * -(-len(prompts) // b) for b, n in n_systems.items()), desc="bench", unit="run",
               file=sys.stderr) as bar:
         for b in batch_sizes:
             systems = [our_system("plain", target.new_decoder(b, None, max_seq), b)]
-            systems += [our_system("redrafter", target.new_decoder(b, shape, max_seq), b) for shape in target.shapes]
+            systems += [our_system("redrafter", target.new_decoder(b, config, max_seq), b) for config in target.configs]
             if hf_model is not None:
                 systems.append(HFSystem(hf_model, b, target.eos_ids, pad, temperature))
             if llama is not None and b == 1:
@@ -216,7 +219,7 @@ def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tu
                       (system.beam_length - 1) if system.name == "redrafter" else (0 if ours else None))
         plain = figures([r for _, r in runs[("plain", b)]], 0)
         entry = {"system": system.name, "label": label, "batch_size": b, "beam_width": system.beam_width,
-                 "beam_length": system.beam_length, **fig,
+                 "beam_length": system.beam_length, "lookup_ngram": system.lookup_ngram, **fig,
                  "speedup": fig["tok_per_s"] / plain["tok_per_s"],
                  "decode_speedup": (fig["decode_tok_per_s"] / plain["decode_tok_per_s"]
                                     if fig["decode_tok_per_s"] and plain["decode_tok_per_s"] else None),

@@ -130,7 +130,7 @@ def write_plot(path: str | os.PathLike, results: list[dict], title: str) -> None
 
     spec = [r for r in results if r["system"] == "redrafter" and r["batch_size"] == batches[0]]
     if spec:
-        names = [f"W{r['beam_width']} L{r['beam_length']}" for r in spec]
+        names = [r["label"].removeprefix("redrafter ") for r in spec]
         bars = right.bar(names, [r["tokens_per_step"] or 0.0 for r in spec], color="tab:green")
         right.bar_label(bars, [f"{r['speedup']:.2f}x" for r in spec], fontsize=8)
         right.axhline(1.0, color="grey", lw=0.8, ls="--")

@@ -35,10 +35,14 @@ class System(ABC):
     batch_size: int
     beam_width: int | None = None
     beam_length: int | None = None
+    lookup_ngram: int | None = None
 
     @property
     def label(self) -> str:
-        return f"redrafter W{self.beam_width} L{self.beam_length}" if self.name == "redrafter" else self.name
+        if self.name != "redrafter":
+            return self.name
+        return f"redrafter W{self.beam_width} L{self.beam_length}" + (f" +lookup{self.lookup_ngram}"
+                                                                      if self.lookup_ngram else "")
 
     @abstractmethod
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
@@ -48,8 +52,9 @@ class System(ABC):
         """Release what the system holds (threads, caches)."""
 
 
-def _shape(decoder: Decoder) -> tuple[int | None, int | None]:
-    return (decoder.beam_width, decoder.beam_length) if decoder.speculative else (None, None)
+def _shape(decoder: Decoder) -> tuple[int | None, int | None, int | None]:
+    """(W, L, lookup n-gram) of a ReDrafter decoder; Nones for plain decoding."""
+    return (decoder.beam_width, decoder.beam_length, decoder.lookup_ngram) if decoder.speculative else (None,) * 3
 
 
 class OursSystem(System):

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from redrafter.runtime.decoding import Decoder
 
-Shape = tuple[int, int]  # (beam width W, beam length L)
+Config = tuple[int, int, int]  # (beam width W, beam length L, context lookup n-gram or 0)
 
 
 @dataclass
@@ -19,18 +19,21 @@ class Target:
     tokenizer: Any
     eos_ids: list[int]
     encode_chat: Callable[[str], list[int]]
-    shapes: list[Shape]  # ReDrafter configurations to measure (empty without a drafter)
-    new_decoder: Callable[[int, Shape | None, int], Decoder]  # (batch, shape or None = plain, max_seq_len)
+    configs: list[Config]  # ReDrafter configurations to measure (empty without a drafter)
+    new_decoder: Callable[[int, Config | None, int], Decoder]  # (batch, config or None = plain, max_seq_len)
     hf_dir: Path  # the HF checkpoint the transformers peer runs
     device: Any  # torch.device of the model under test (the HF peer runs there too)
     settings: dict  # what was loaded, for the JSON report
 
 
 def open_target(engine: str | None, base: str | None, drafter: str | None, widths: list[int] | None,
-                lengths: list[int] | None, batch_sizes: list[int], device: str | None) -> Target:
+                lengths: list[int] | None, lookups: list[int], batch_sizes: list[int], device: str | None) -> Target:
     if engine:
         if drafter:
             raise ValueError("--engine brings its own drafter: drop --drafter (or bench --base/--drafter instead)")
+        if any(lookups):
+            raise ValueError("--lookup is not available for engines (their compiled cache has no room for the "
+                             "extra beam): drop --lookup, or bench --base/--drafter")
         return _engine_target(engine, base, widths, lengths, batch_sizes, device)
     from redrafter.runtime.pipeline import default_drafter_dir, load
 
@@ -39,18 +42,18 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, width
         raise FileNotFoundError(f"the shipped drafter {str(default_drafter_dir())!r} does not exist yet: "
                                 "pass --drafter DIR, or --drafter none to measure plain decoding and peers only")
     loaded = load(base or "default", drafter, device=device or "cpu")
-    shapes = [(w, l) for w in widths or [4] for l in lengths or [4]] if loaded.drafter else []
+    configs = [(w, l, n) for w in widths or [4] for l in lengths or [4] for n in lookups] if loaded.drafter else []
 
-    def new_decoder(batch: int, shape: Shape | None, max_seq_len: int) -> Decoder:
-        w, l = shape or (1, 1)
-        return Decoder(loaded.model, loaded.drafter if shape else None, max_batch=batch, max_seq_len=max_seq_len,
-                       beam_width=w, beam_length=l)
+    def new_decoder(batch: int, config: Config | None, max_seq_len: int) -> Decoder:
+        w, l, n = config or (1, 1, 0)
+        return Decoder(loaded.model, loaded.drafter if config else None, max_batch=batch, max_seq_len=max_seq_len,
+                       beam_width=w, beam_length=l, lookup_ngram=n)
 
     settings = {"engine": None, "base": base or "default", "base_dir": str(loaded.base_dir), "drafter": drafter,
                 "drafter_config": asdict(loaded.drafter.cfg) if loaded.drafter else None,
                 "dtype": str(loaded.model.embed.weight.dtype).removeprefix("torch."),
                 "device": str(loaded.model.embed.weight.device)}
-    return Target(loaded.tokenizer, loaded.eos_ids, loaded.encode_chat, shapes, new_decoder, loaded.base_dir,
+    return Target(loaded.tokenizer, loaded.eos_ids, loaded.encode_chat, configs, new_decoder, loaded.base_dir,
                   loaded.model.embed.weight.device, settings)
 
 
@@ -69,12 +72,12 @@ def _engine_target(path: str, base: str | None, widths: list[int] | None, length
         raise ValueError(f"batch size {max(batch_sizes)} exceeds the engine's max batch size {o.max_batch_size}: "
                          "rebuild it with a larger --max-batch-size")
 
-    def new_decoder(batch: int, shape: Shape | None, max_seq_len: int) -> Decoder:
+    def new_decoder(batch: int, config: Config | None, max_seq_len: int) -> Decoder:
         # The engine fixes max_seq_len at build time; `generate` rejects prompts that do not fit.
-        return engine.decoder(batch, speculative=shape is not None)
+        return engine.decoder(batch, speculative=config is not None)
 
     settings = {"engine": str(path), "base": base or "default", "drafter": "engine" if engine.drafter else None,
                 "drafter_config": engine.config.get("drafter"), "engine_build": engine.config["build"],
                 "dtype": o.dtype, "device": str(engine.model.embed.weight.device)}
-    return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, [built] if engine.drafter else [],
+    return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, [(*built, 0)] if engine.drafter else [],
                   new_decoder, resolve_base(base or "default"), engine.model.embed.weight.device, settings)
