@@ -48,8 +48,8 @@ def _session(args: argparse.Namespace) -> Session:
                                           ("--no-spec", args.no_spec or None))
                  if value is not None]
         if given:
-            raise ValueError(f"--engine fixes the base model, drafter, beam shape and max_seq_len it was built with "
-                             f"(and has no room for a lookup beam): drop {', '.join(given)}")
+            raise ValueError(f"--engine fixes the base model, drafter, beam shape, lookup and max_seq_len it was "
+                             f"built with: drop {', '.join(given)}")
         return Session.open(args.engine, max_batch_size=1)
     if args.no_spec and args.lookup:
         raise ValueError("--lookup adds a beam to the drafter's: drop --no-spec or --lookup")

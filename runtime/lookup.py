@@ -34,7 +34,7 @@ def lookup_beam(history: Tensor, ends: Tensor, length: int, max_ngram: int, fall
         suffix = history.gather(1, (ends[:, None] - n + 1 + torch.arange(n, device=dev)).clamp(min=0))  # [B, n]
         match = (history.unfold(1, n, 1) == suffix[:, None, :]).all(-1)  # [B, span - n + 1]
         at = torch.arange(match.shape[1], device=dev)
-        # An occurrence at i must end before the suffix begins' continuation: i + n <= ends.
+        # An earlier occurrence at i has at least one token after it: i + n <= ends.
         latest = torch.where(match & (at[None, :] + n <= ends[:, None]), at, -1).amax(-1)
         found = (starts < 0) & (latest >= 0) & (ends >= n - 1)
         starts = torch.where(found, latest + n, starts)

@@ -253,4 +253,4 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert main([*args[:-2], "--batch-sizes", "4"]) == 2
     assert "exceeds the engine's max batch size 2" in capsys.readouterr().err
     assert main([*args[:-2], "--lookup", "2"]) == 2
-    assert "--lookup is not available for engines" in capsys.readouterr().err
+    assert "an engine's lookup beam is chosen when it is built (`redrafter build --lookup N`)" in capsys.readouterr().err

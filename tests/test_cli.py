@@ -13,11 +13,13 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "redrafter.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_generate_json_matches_no_spec(tiny_hf_dir, capsys):
+@pytest.mark.parametrize("lookup", [[], ["--lookup", "3"]], ids=["drafter", "drafter+lookup"])
+def test_generate_json_matches_no_spec(tiny_hf_dir, capsys, lookup):
     base, drafter = tiny_hf_dir
     args = ["generate", "--prompt", "Hello there", "--max-new-tokens", "12", "--base", str(base), "--json"]
-    assert main(args + ["--drafter", str(drafter), "--beam-width", "3", "--beam-length", "3"]) == 0
+    assert main(args + ["--drafter", str(drafter), "--beam-width", "3", "--beam-length", "3", *lookup]) == 0
     spec = json.loads(capsys.readouterr().out)
+    assert spec["lookup_ngram"] == (3 if lookup else 0) and spec["speculative"]
     assert main(args + ["--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
     for key in ("text", "token_ids", "tokens", "steps", "tokens_per_step", "tok_per_s"):
@@ -27,15 +29,8 @@ def test_generate_json_matches_no_spec(tiny_hf_dir, capsys):
     assert plain["steps"] == plain["tokens"] - 1 and plain["tokens_per_step"] == 1.0
 
 
-def test_generate_with_context_lookup_emits_the_plain_tokens(tiny_hf_dir, capsys):
-    base, drafter = tiny_hf_dir
-    args = ["generate", "--prompt", "one two one two one two", "--max-new-tokens", "24", "--base", str(base), "--json"]
-    assert main(args + ["--drafter", str(drafter), "--beam-length", "4", "--lookup", "3"]) == 0
-    spec = json.loads(capsys.readouterr().out)
-    assert main(args + ["--no-spec"]) == 0
-    assert spec["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
-    assert spec["lookup_ngram"] == 3 and spec["speculative"]
-    assert main(args + ["--no-spec", "--lookup", "3"]) == 2
+def test_a_lookup_beam_without_a_drafter_is_refused(capsys):
+    assert main(["generate", "--prompt", "Hi", "--no-spec", "--lookup", "3"]) == 2
     assert "--lookup adds a beam to the drafter's: drop --no-spec or --lookup" in capsys.readouterr().err
 
 
@@ -122,5 +117,5 @@ def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, 
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["speculative"] and (spec["beam_width"], spec["beam_length"]) == (2, 3)
     assert main(args + ["--engine", str(engine), "--base", str(base), "--beam-width", "4", "--lookup", "2"]) == 2
-    assert "--engine fixes the base model, drafter, beam shape and max_seq_len it was built with (and has no room " \
-           "for a lookup beam): drop --base, --beam-width, --lookup" in capsys.readouterr().err
+    assert "--engine fixes the base model, drafter, beam shape, lookup and max_seq_len it was built with: drop " \
+           "--base, --beam-width, --lookup" in capsys.readouterr().err

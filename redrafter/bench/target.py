@@ -32,8 +32,8 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, width
         if drafter:
             raise ValueError("--engine brings its own drafter: drop --drafter (or bench --base/--drafter instead)")
         if any(lookups):
-            raise ValueError("--lookup is not available for engines (their compiled cache has no room for the "
-                             "extra beam): drop --lookup, or bench --base/--drafter")
+            raise ValueError("an engine's lookup beam is chosen when it is built (`redrafter build --lookup N`): "
+                             "drop --lookup, or bench --base/--drafter")
         return _engine_target(engine, base, widths, lengths, batch_sizes, device)
     from redrafter.runtime.pipeline import default_drafter_dir, load
 
@@ -79,5 +79,6 @@ def _engine_target(path: str, base: str | None, widths: list[int] | None, length
     settings = {"engine": str(path), "base": base or "default", "drafter": "engine" if engine.drafter else None,
                 "drafter_config": engine.config.get("drafter"), "engine_build": engine.config["build"],
                 "dtype": o.dtype, "device": str(engine.model.embed.weight.device)}
-    return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, [(*built, 0)] if engine.drafter else [],
+    configs = [(*built, o.lookup_ngram)] if engine.drafter else []
+    return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, configs,
                   new_decoder, resolve_base(base or "default"), engine.model.embed.weight.device, settings)
