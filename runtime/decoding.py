@@ -67,8 +67,9 @@ class Decoder:
         self.max_tree_tokens = self.tree_tokens(beam_width, beam_length)
         self.cache = model.new_cache(max_batch, max_seq_len + self.max_tree_tokens)
         dev = model.embed.weight.device
-        # Every slot's tokens (prompt, emitted, the next token last), for context lookup.
-        self.history = torch.zeros(max_batch, max_seq_len + self.max_tree_tokens, dtype=torch.long, device=dev)
+        # Every slot's tokens (prompt, emitted, the next token last): kept only for context lookup.
+        self.history = (torch.zeros(max_batch, max_seq_len + self.max_tree_tokens, dtype=torch.long, device=dev)
+                        if lookup_ngram else None)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.next_token = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.hidden = torch.zeros(max_batch, model.cfg.hidden_size, dtype=model.embed.weight.dtype, device=dev)
@@ -139,8 +140,9 @@ class Decoder:
         token = self._pick(self.model.logits(hidden), sampling, 0)
         self._consume(slots, [1] * b)
         self.lengths[slot_t], self.next_token[slot_t], self.hidden[slot_t] = lengths, token, hidden
-        self.history[slot_t, :t] = ids
-        self.history[slot_t, lengths] = token
+        if self.history is not None:
+            self.history[slot_t, :t] = ids
+            self.history[slot_t, lengths] = token
         return token.tolist()
 
     @torch.inference_mode()
@@ -214,8 +216,10 @@ class Decoder:
         self.lengths[slots] = starts + counts
         self.next_token[slots] = tokens[rows, counts - 1]
         self.hidden[slots] = hidden
-        # Emitted tokens follow the previous next token; columns past counts are overwritten later.
-        self.history[slots[:, None], starts[:, None] + 1 + torch.arange(tokens.shape[1], device=self.device)] = tokens
+        if self.history is not None:
+            # Emitted tokens follow the previous next token; columns past counts are overwritten later.
+            cols = starts[:, None] + 1 + torch.arange(tokens.shape[1], device=self.device)
+            self.history[slots[:, None], cols] = tokens
         return StepOutput(tokens, counts)
 
     def _built_shape(self) -> bool:
