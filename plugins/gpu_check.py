@@ -27,6 +27,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ..runtime.tree import PAD
+
 
 @dataclass(frozen=True)
 class Shapes:
@@ -193,12 +195,15 @@ def check_pack_beams(s: Shapes, device: torch.device, reps: int):
         for w in s.widths:
             for l in s.lengths:
                 beams = random_beams(b, w, l, device, seed=w * 10 + l)
-                ref = REFERENCES["pack_beams"](beams)
-                out = kernels.pack_beams(beams)
-                ok = all(torch.equal(x, y) for x, y in zip(out, ref))
-                rows.append(Row("pack_beams", f"B={b} W={w} L={l}", "int64", "exact" if ok else "MISMATCH", ok,
-                                timed(lambda: REFERENCES["pack_beams"](beams), device, reps),
-                                timed(lambda: kernels.pack_beams(beams), device, reps)))
+                padded = beams.clone()
+                padded[:, :-1, (l + 1) // 2:] = PAD  # drafted beams shorter than a lookup beam
+                for name, x in ((f"B={b} W={w} L={l}", beams), (f"B={b} W={w} L={l} (PAD tails)", padded)):
+                    ref = REFERENCES["pack_beams"](x)
+                    out = kernels.pack_beams(x)
+                    ok = all(torch.equal(p, q) for p, q in zip(out, ref))
+                    rows.append(Row("pack_beams", name, "int64", "exact" if ok else "MISMATCH", ok,
+                                    timed(lambda: REFERENCES["pack_beams"](x), device, reps),
+                                    timed(lambda: kernels.pack_beams(x), device, reps)))
     return rows
 
 

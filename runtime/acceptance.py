@@ -62,7 +62,9 @@ def greedy_verify(beams: Tensor, unpacker: Tensor, predicted_packed: Tensor) -> 
     predicted = predicted_packed.gather(1, unpacker.reshape(b, w * l)).view(b, w, l)
     acc = greedy_accept(beams, predicted)
     rows = torch.arange(b, device=beams.device)
-    path = unpacker[rows, acc.beam]
+    cols = torch.arange(l, device=beams.device)
+    # Past the accepted tokens each entry is its own column: a no-op move for kv_commit.
+    path = torch.where(cols <= acc.accepted[:, None], unpacker[rows, acc.beam], cols)
     drafts = torch.cat((beams[rows, acc.beam, 1:], acc.bonus[:, None]), dim=1)
     tokens = drafts.scatter(1, acc.accepted[:, None], acc.bonus[:, None])
     return GreedyStep(tokens, acc.accepted + 1, path, path.gather(1, acc.accepted[:, None])[:, 0])
@@ -78,9 +80,12 @@ class Walk:
 def tree_parents(unpacker: Tensor, n_packed: int) -> Tensor:
     """[B, W, L] unpacker -> [B, T] packed index of each packed token's parent (-1: root, padding)."""
     b = unpacker.shape[0]
-    parent = torch.full((b, n_packed), -1, dtype=torch.long, device=unpacker.device)
-    # Beams sharing a prefix write the same parent for the same packed token.
-    return parent.scatter_(1, unpacker[:, :, 1:].reshape(b, -1), unpacker[:, :, :-1].reshape(b, -1))
+    parent = torch.full((b, n_packed + 1), -1, dtype=torch.long, device=unpacker.device)
+    # Beams sharing a prefix write the same parent for the same packed token. Past a beam's end
+    # its unpacker repeats the last token's index (tree.pack_beams): those entries write to a spare column.
+    child = unpacker[:, :, 1:]
+    child = torch.where(child == unpacker[:, :, :-1], n_packed, child)
+    return parent.scatter_(1, child.reshape(b, -1), unpacker[:, :, :-1].reshape(b, -1))[:, :n_packed]
 
 
 def tree_walk(packed: PackedBeams, length: int, choose: Callable[[Tensor, int], Tensor]) -> Walk:

@@ -32,6 +32,8 @@ PACK_CASES = {
     "l1": [[[5], [5], [5]], [[1], [1], [1]]],
     "all_identical": [[[3, 1, 4, 1]] * 4],
     "no_shared_prefix": [[[1, 2, 3], [2, 2, 3], [3, 2, 3]]],
+    # Drafted beams padded to a longer lookup beam: PAD (-1) tails are not packed.
+    "pad_tails": [[[4, 5, -1, -1], [4, 6, -1, -1], [4, 5, 9, 9]], [[4, -1, -1, -1], [4, -1, -1, -1], [4, 8, 8, 8]]],
 }
 
 

@@ -1,7 +1,7 @@
 """Packing beams into a tree: checked against the paper's example and a brute-force reference."""
 import torch
 
-from redrafter.runtime.tree import pack_beams, prefix_tree
+from redrafter.runtime.tree import PAD, pack_beams, prefix_tree
 
 
 def brute_force(beams: list[list[int]]):
@@ -63,6 +63,28 @@ def test_random_beams_match_brute_force():
             pad = p.mask[row, n:, :]
             assert torch.equal(pad, torch.eye(p.tokens.shape[1], dtype=torch.bool)[n:])
             assert not p.mask[row, :n, n:].any()
+
+
+def test_beams_ending_in_pad_pack_only_their_real_tokens():
+    """Drafted beams padded to a longer lookup beam: the packed tree is that of the beams cut at
+    their PAD tails, and past its end a beam's unpacker (and so its predictions) repeats its last
+    token's packed index."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        b, w, l = 2, int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(2, 7, (1,), generator=gen))
+        beams = torch.randint(0, 2 + trial % 3, (b, w, l), generator=gen)
+        beams[:, :, 0] = beams[:, :1, 0]
+        ends = torch.randint(1, l + 1, (b, w), generator=gen)  # real tokens per beam, the guaranteed one included
+        beams[torch.arange(l) >= ends[:, :, None]] = PAD
+        p = pack_beams(beams)
+        for row in range(b):
+            real = [beam[: int(n)] for beam, n in zip(beams[row].tolist(), ends[row])]
+            tokens, depth, unpacker, mask = brute_force(real)
+            n = len(tokens)
+            assert p.n_tokens[row] == n and PAD not in p.tokens[row].tolist()
+            assert p.tokens[row, :n].tolist() == tokens and p.depth[row, :n].tolist() == depth
+            assert p.unpacker[row].tolist() == [u + [u[-1]] * (l - len(u)) for u in unpacker]
+            assert p.mask[row, :n, :n].tolist() == mask
 
 
 def test_identical_beams_pack_to_one_and_distinct_beams_share_only_the_root():

@@ -1,6 +1,7 @@
 """Triton kernel for redrafter::pack_beams: one program packs one batch row in registers
 (prefix ownership by comparing against one beam at a time, cumulative packed index,
-scatter of tokens / depths / ancestor mask), so the whole packing is a single launch."""
+scatter of tokens / depths / ancestor mask), so the whole packing is a single launch.
+A beam ends where its PAD (-1) tail starts, as in runtime.tree."""
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,8 @@ def _pack_kernel(beams_ptr, tokens_ptr, depth_ptr, unpacker_ptr, mask_ptr, n_ptr
         bk = tl.load(row + k * L + j, mask=j < L, other=-1)  # [1, L]
         same = tl.cumsum((bm != bk).to(tl.int32), axis=1) == 0
         owner = tl.where(same & (owner == W_PAD), k, owner)
-    keep = (owner == i) & valid
+    real = valid & (bm != -1)
+    keep = (owner == i) & real
     index = tl.reshape(tl.cumsum(tl.reshape(keep.to(tl.int32), (W_PAD * L_PAD,)), axis=0),
                        (W_PAD, L_PAD)) - 1  # packed index of each kept token, row-major
     n = tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
@@ -35,9 +37,13 @@ def _pack_kernel(beams_ptr, tokens_ptr, depth_ptr, unpacker_ptr, mask_ptr, n_ptr
     for k in range(0, W):
         index_k = tl.sum(tl.where(i == k, index, 0), axis=0)[None, :]  # row k of index, [1, L]
         unp = tl.where(owner == k, index_k, unp)
-    tl.store(unpacker_ptr + b * T + i * L + j, unp.to(tl.int64), mask=valid)
     tl.store(tokens_ptr + b * T + unp, bm, mask=keep)
     tl.store(depth_ptr + b * T + unp, (j + tl.zeros_like(unp)).to(tl.int64), mask=keep)
+    # Past a beam's end its unpacker repeats the index of its last token.
+    last = tl.sum(real.to(tl.int32), axis=1)[:, None] - 1  # [W, 1]
+    for jj in range(0, L):
+        unp = tl.where((j > last) & (jj == last), tl.sum(tl.where(j == jj, unp, 0), axis=1)[:, None], unp)
+    tl.store(unpacker_ptr + b * T + i * L + j, unp.to(tl.int64), mask=valid)
     # Ancestors: packed token unp[i, j] sees unp[i, j'] for j' <= j (one depth j' at a time).
     out = mask_ptr + b * T * T
     for jj in range(0, L):
