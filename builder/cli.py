@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--lookup", type=int, default=0, metavar="N",
                    help="context lookup: each step also verifies a beam copying what followed the last 1..N "
                         "tokens earlier in the text (default 0: off)")
+    p.add_argument("--lookup-length", type=int, default=0, metavar="K",
+                   help="with --lookup: the lookup beam's tokens, counting the guaranteed token, if more than "
+                        "--beam-length (default: --beam-length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -44,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         output=args.output, base=args.base, drafter=args.drafter, dtype=args.dtype, quantize=args.quantize,
         device=args.device, backend=args.backend, beam_width=args.beam_width, beam_length=args.beam_length,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, plugin_ops=args.plugin_ops,
-        exact_attention=args.exact_attention, lookup_ngram=args.lookup, progress=not args.no_progress))
+        exact_attention=args.exact_attention, lookup_ngram=args.lookup,
+        lookup_length=args.lookup_length, progress=not args.no_progress))
     print(out)
     return 0

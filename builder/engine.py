@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from redrafter.runtime import pipeline
-from redrafter.runtime.decoding import Decoder
+from redrafter.runtime.decoding import Decoder, tree_tokens
 from redrafter.runtime.drafter import DraftHead, DrafterConfig
 from redrafter.runtime.model import Llama, LlamaConfig, rope_inv_freq
 
@@ -64,6 +64,7 @@ class EngineOptions:
     draft_quantize: str | None = None
     exact_attention: bool = False  # attention in float64 (Llama.exact_attention)
     lookup_ngram: int = 0  # context lookup beam (runtime/lookup.py); 0: off
+    lookup_length: int = 0  # the lookup beam's tokens if more than beam_length; 0: beam_length
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -77,6 +78,9 @@ class EngineOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lookup_ngram < 0:
             raise ValueError(f"lookup_ngram must be >= 0 (0: off), got {self.lookup_ngram}")
+        if self.lookup_length < 0 or (self.lookup_length and not self.lookup_ngram):
+            raise ValueError(f"lookup_length must be >= 0 (0: the beam length), with lookup_ngram > 0; got "
+                             f"lookup_length={self.lookup_length}, lookup_ngram={self.lookup_ngram}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.exact_attention and self.plugin_ops:
@@ -96,7 +100,8 @@ class EngineOptions:
     @property
     def cache_capacity(self) -> int:
         """Positions per slot: max_seq_len plus the largest tree a step verifies (the lookup beam's too)."""
-        return self.max_seq_len + (self.beam_width + (self.lookup_ngram > 0)) * self.beam_length
+        return self.max_seq_len + tree_tokens(self.beam_width, self.beam_length, self.lookup_ngram,
+                                              self.lookup_length)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "EngineOptions":
@@ -259,7 +264,8 @@ class Engine:
                        beam_width=o.beam_width, beam_length=o.beam_length,
                        draft=programs.draft if speculative else None,
                        fused_step=programs.step if speculative and fused_step else None,
-                       lookup_ngram=o.lookup_ngram if speculative and self.drafter is not None else 0)
+                       lookup_ngram=o.lookup_ngram if speculative and self.drafter is not None else 0,
+                       lookup_length=o.lookup_length if speculative and self.drafter is not None else 0)
 
 
 @dataclass

@@ -34,6 +34,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup", type=positive_int, default=None, metavar="N",
                    help="context lookup: also verify a beam copying what followed the last 1..N tokens earlier "
                         "in the text (off by default)")
+    p.add_argument("--lookup-length", type=positive_int, default=None, metavar="K",
+                   help="with --lookup: the lookup beam's tokens, counting the guaranteed token, if more than L "
+                        "(default: L)")
     p.add_argument("--no-spec", action="store_true", help="plain greedy decoding, no drafter")
 
 
@@ -45,6 +48,7 @@ def _session(args: argparse.Namespace) -> Session:
         given = [flag for flag, value in (("--base", args.base), ("--drafter", args.drafter),
                                           ("--beam-width", args.beam_width), ("--beam-length", args.beam_length),
                                           ("--max-seq-len", args.max_seq_len), ("--lookup", args.lookup),
+                                          ("--lookup-length", args.lookup_length),
                                           ("--no-spec", args.no_spec or None))
                  if value is not None]
         if given:
@@ -53,10 +57,12 @@ def _session(args: argparse.Namespace) -> Session:
         return Session.open(args.engine, max_batch_size=1)
     if args.no_spec and args.lookup:
         raise ValueError("--lookup adds a beam to the drafter's: drop --no-spec or --lookup")
+    if args.lookup_length and not args.lookup:
+        raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too")
     length = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}  # else Session.load's default
     return Session.load(args.base or "default", None if args.no_spec else args.drafter or "default", max_batch_size=1,
                         beam_width=args.beam_width, beam_length=args.beam_length, lookup_ngram=args.lookup or 0,
-                        **length)
+                        lookup_length=args.lookup_length or 0, **length)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -84,7 +90,9 @@ def _generate(args: argparse.Namespace) -> int:
         "tokens_per_step": round(m["tokens_per_step"], 3), "tok_per_s": round(len(token_ids) / seconds, 2),
         "time_to_first_token_s": round(m["ttft_s"]["mean"], 4), "seconds": round(seconds, 3),
         "finish_reason": delta.finish_reason, "speculative": speculative, "beam_width": shape[0],
-        "beam_length": shape[1], "lookup_ngram": session.decoder.lookup_ngram, "temperature": args.temperature,
+        "beam_length": shape[1], "lookup_ngram": session.decoder.lookup_ngram,
+        "lookup_length": session.decoder.step_length() if session.decoder.lookup_ngram else 0,
+        "temperature": args.temperature,
         "seed": args.seed,
     }
     if args.json:

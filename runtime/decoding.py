@@ -9,6 +9,7 @@ with the bonus token as the next token.
 
 With `lookup_ngram` > 0 a step adds one more beam: the continuation of the latest earlier
 occurrence of the sequence's last tokens (runtime/lookup.py), verified like the drafted ones.
+It may be longer than the drafted beams (`lookup_length`): they are padded to its length.
 
 Slots prefilled with a `SlotSampler` sample instead of taking the argmax: their steps walk
 the packed tree (acceptance.tree_walk), which keeps the output distribution exactly that
@@ -29,7 +30,17 @@ from .drafter import DraftHead, check_compatible
 from .lookup import lookup_beam
 from .model import Llama, causal_mask, lm_head_weight
 from .sampling import BatchSampling, SlotSampler, draw, processed_probs
-from .tree import PackedBeams, pack_beams
+from .tree import PAD, PackedBeams, pack_beams
+
+
+def step_length(length: int, lookup_ngram: int = 0, lookup_length: int = 0) -> int:
+    """The longest beam of a step drafting beams of `length`: the lookup beam's may be longer."""
+    return max(length, lookup_length) if lookup_ngram else length
+
+
+def tree_tokens(width: int, length: int, lookup_ngram: int = 0, lookup_length: int = 0) -> int:
+    """The most tokens a step verifies: `width` drafted beams of `length`, and the lookup beam."""
+    return width * length + (step_length(length, lookup_ngram, lookup_length) if lookup_ngram else 0)
 
 
 @dataclass
@@ -44,25 +55,31 @@ class Decoder:
     beam_width x beam_length also sizes the scratch area past each sequence, i.e. the
     largest tree a step can verify; `set_beam_shape` picks any shape within it per step.
     lookup_ngram > 0 adds a beam copied from each sequence's earlier tokens after a match of
-    its last 1..lookup_ngram tokens (runtime/lookup.py); it needs a drafter.
+    its last 1..lookup_ngram tokens (runtime/lookup.py); it needs a drafter. The lookup beam has
+    max(lookup_length, L) tokens: a copied continuation is often right for many tokens, and a
+    long beam costs verified tokens only where a match exists.
     """
 
     def __init__(self, model: Llama, drafter: DraftHead | None = None, *, max_batch: int = 1,
                  max_seq_len: int = 2048, beam_width: int = 4, beam_length: int = 4,
                  use_plugins: bool = False, draft: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 fused_step: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, lookup_ngram: int = 0):
+                 fused_step: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, lookup_ngram: int = 0,
+                 lookup_length: int = 0):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam width and length must be >= 1, got W={beam_width}, L={beam_length}")
         if lookup_ngram < 0 or (lookup_ngram and drafter is None):
             raise ValueError(f"lookup_ngram={lookup_ngram}: give 0 (off) or a positive n-gram length, "
                              "with a drafter (context lookup adds a beam to the drafter's)")
+        if lookup_length < 0 or (lookup_length and not lookup_ngram):
+            raise ValueError(f"lookup_length={lookup_length}: give 0 (the drafted beams' length) or a positive "
+                             "length, with lookup_ngram > 0")
         if drafter is not None:
             check_compatible(drafter.cfg, model.cfg.vocab_size, model.cfg.hidden_size)
         self.model, self.drafter = model, drafter
         # The shared head's rows of the base LM head, gathered once (draft vocabulary).
         self._draft_lm_head = drafter.output_weight(lm_head_weight(model)) if drafter is not None else None
         self.beam_width, self.beam_length = beam_width, beam_length
-        self.lookup_ngram = lookup_ngram
+        self.lookup_ngram, self.lookup_length = lookup_ngram, lookup_length
         self.max_seq_len = max_seq_len
         self.max_tree_tokens = self.tree_tokens(beam_width, beam_length)
         self.cache = model.new_cache(max_batch, max_seq_len + self.max_tree_tokens)
@@ -98,7 +115,11 @@ class Decoder:
 
     def tree_tokens(self, width: int, length: int) -> int:
         """The most tokens a step with `width` drafted beams of `length` verifies (lookup's beam included)."""
-        return (width + (self.lookup_ngram > 0)) * length
+        return tree_tokens(width, length, self.lookup_ngram, self.lookup_length)
+
+    def step_length(self) -> int:
+        """The most tokens the next step can emit: the longest beam's length."""
+        return step_length(self.beam_length, self.lookup_ngram, self.lookup_length)
 
     def set_beam_shape(self, width: int, length: int) -> None:
         """Draft `width` beams of `length` tokens from the next step on (length 1: plain steps)."""
@@ -187,7 +208,7 @@ class Decoder:
     def _speculative_step(self, slots: Tensor) -> StepOutput:
         m = self.model
         slot_list = slots.tolist()
-        sampling = self._sampling(slot_list, self.beam_length)
+        sampling = self._sampling(slot_list, self.step_length())
         starts = self.lengths[slots]
         if sampling is None and self.fused_step is not None and self._built_shape() and not self.lookup_ngram:
             return self._fused_step(slots, starts)
@@ -227,7 +248,8 @@ class Decoder:
         return (self.beam_width, self.beam_length) == self._draft_shape
 
     def _draft_and_pack(self, slots: Tensor) -> tuple[Tensor, PackedBeams]:
-        """Beams [B, W, L] (W + 1 with context lookup) and their packed tree; the drafted ones from
+        """Beams [B, W, L] (with context lookup: [B, W + 1, step_length()], the drafted ones padded)
+        and their packed tree; the drafted ones from
         the plugin ops, the engine's compiled drafting program (while the beam shape is the built
         one) or the eager beam search."""
         m, head = self.model, self.drafter
@@ -243,7 +265,8 @@ class Decoder:
         if self.lookup_ngram:
             ends = self.lengths[slots]
             history = self.history[slots, : int(ends.max()) + 1]
-            copied = lookup_beam(history, ends, self.beam_length, self.lookup_ngram, beams[:, 0])
+            beams = torch.nn.functional.pad(beams, (0, self.step_length() - self.beam_length), value=PAD)
+            copied = lookup_beam(history, ends, beams.shape[2], self.lookup_ngram, beams[:, 0])
             beams = torch.cat((beams, copied[:, None]), dim=1)
         return beams, self.plugin_ops.pack(beams) if self.use_plugins else pack_beams(beams)
 
@@ -258,7 +281,7 @@ class Decoder:
         """Verification for a batch with sampling rows: walk each tree, drawing from the base
         model's distribution at every visited node (logits only where the walk goes)."""
         rows = torch.arange(slots.shape[0], device=self.device)
-        walk = tree_walk(packed, self.beam_length,
+        walk = tree_walk(packed, self.step_length(),
                          lambda node, d: self._pick(self.model.logits(hidden[rows, node]), sampling, d))
         self._commit(slots, starts, walk.path)
         self._consume(slot_list, walk.counts.tolist())

@@ -91,7 +91,8 @@ class SessionMetrics:
         self.prefill_requests += requests
         self.busy_s += seconds
 
-    def record_step(self, counts: list[int], width: int, length: int, seconds: float) -> None:
+    def record_step(self, counts: list[int], width: int, length: int, drafted: int, seconds: float) -> None:
+        """One step of beams W x L (length 1: plain) with `drafted` draft positions (the longest beam's)."""
         self.steps += 1
         self.busy_s += seconds
         self.batch_sizes[len(counts)] += 1
@@ -99,7 +100,7 @@ class SessionMetrics:
         self.row_steps += len(counts)
         self.step_tokens += sum(counts)
         for c in counts:
-            _count_positions(self.accepted, self.drafted, c - 1, length - 1)
+            _count_positions(self.accepted, self.drafted, c - 1, drafted)
 
     def record_finish(self, reason: str, m: RequestMetrics) -> None:
         self.finished[reason] += 1

@@ -169,10 +169,12 @@ class Session:
              max_batch_size: int = 8, max_seq_len: int = 2048, beam_width: int | None = None,
              beam_length: int | None = None, *,
              beam_policy: Policy | str | None = None, dtype: torch.dtype = torch.float32,
-             device: str = "cpu", prefill_token_budget: int = 8192, lookup_ngram: int = 0) -> "Session":
+             device: str = "cpu", prefill_token_budget: int = 8192, lookup_ngram: int = 0,
+             lookup_length: int = 0) -> "Session":
         """A session over a base model and drafter (None: plain decoding). Beams not given take the
         device's default (scheduler.default_beam_shape: W1 L2 on a CPU, W4 L4 on a GPU).
-        lookup_ngram > 0 adds a context lookup beam to every step's drafts (Decoder).
+        lookup_ngram > 0 adds a context lookup beam of max(lookup_length, L) tokens to every step's
+        drafts (Decoder).
         beam_policy: None (always beam_width x beam_length), "adaptive" (a MeasuredBeamPolicy over
         shapes up to beam_width x beam_length, plain decoding included) or a policy object."""
         from .pipeline import load
@@ -183,7 +185,8 @@ class Session:
                          length if beam_length is None else beam_length)
         w, l = policy.largest_shape
         decoder = Decoder(loaded.model, loaded.drafter, max_batch=max_batch_size, max_seq_len=max_seq_len,
-                          beam_width=w, beam_length=l, lookup_ngram=lookup_ngram)
+                          beam_width=w, beam_length=l, lookup_ngram=lookup_ngram,
+                          lookup_length=lookup_length)
         return cls(decoder, loaded.tokenizer, loaded.eos_ids, beam_policy=policy,
                    prefill_token_budget=prefill_token_budget)
 
@@ -406,7 +409,7 @@ class Session:
         dec = self.decoder
         if dec.drafter is not None:
             dec.set_beam_shape(*self.beam_policy(len(slots)))
-        length = dec.beam_length if dec.speculative else 1
+        length, drafted = (dec.beam_length, dec.step_length() - 1) if dec.speculative else (1, 0)
         t0 = time.perf_counter()
         out = dec.step(torch.tensor(slots, device=dec.device))
         tokens, counts = out.tokens.tolist(), out.counts.tolist()  # waits for the device
@@ -414,10 +417,10 @@ class Session:
         with self._lock:
             if dec.drafter is not None:
                 self.beam_policy.observe(len(slots), (dec.beam_width, dec.beam_length), sum(counts), seconds)
-            self._stats.record_step(counts, dec.beam_width, length, seconds)
+            self._stats.record_step(counts, dec.beam_width, length, drafted, seconds)
         for slot, row, n in zip(slots, tokens, counts):
             r = running[slot]
-            r.metrics.record_step(n, length - 1)
+            r.metrics.record_step(n, drafted)
             self._emit(slot, r, row[:n])
 
     def _emit(self, slot: int, r: _Request, tokens: list[int]) -> None:

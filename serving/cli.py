@@ -46,6 +46,8 @@ def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> No
     p.add_argument("--lookup", type=int, default=0, metavar="N",
                    help="with --base: each step also verifies a beam copying what followed the last 1..N tokens "
                         "earlier in the text (default 0: off)")
+    p.add_argument("--lookup-length", type=int, default=0, metavar="K",
+                   help="with --lookup: the lookup beam's tokens if more than L (default 0: L)")
     p.add_argument("--beam-policy", default="adaptive", choices=["fixed", "adaptive"],
                    help="adaptive (default): plain decoding or beam shapes up to W x L, whichever "
                         "runs fastest at each batch size; fixed: always W x L")
@@ -58,7 +60,8 @@ def _write(args: argparse.Namespace, output: Path) -> Path:
     source = ModelSource.create(engine=args.engine, base=base, drafter=args.drafter if base else None,
                                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                                 beam_width=args.beam_width, beam_length=args.beam_length,
-                                beam_policy=args.beam_policy, lookup_ngram=args.lookup)
+                                beam_policy=args.beam_policy, lookup_ngram=args.lookup,
+                                lookup_length=args.lookup_length)
     return write_repository(output, source, name=args.name, instances=args.instances)
 
 

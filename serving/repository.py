@@ -42,13 +42,14 @@ class ModelSource:
     # batch 1 and 0.98-0.99x at batch 2-8, where fixed W1 L2 fell to 0.90x (BENCHMARKS.md).
     beam_policy: str = "adaptive"
     lookup_ngram: int = 0  # base + drafter only (an engine has its own): context lookup beam, 0 = off
+    lookup_length: int = 0  # the lookup beam's tokens if more than beam_length; 0: beam_length
 
     def __post_init__(self) -> None:
         if bool(self.engine) == bool(self.base):
             raise ValueError("serve either an engine (--engine DIR) or a base model and drafter (--base, --drafter)")
         if self.beam_policy not in BEAM_POLICIES:
             raise ValueError(f"beam policy {self.beam_policy!r} is unknown: choose one of {', '.join(BEAM_POLICIES)}")
-        for name in ("max_batch_size", "max_seq_len", "beam_width", "beam_length", "lookup_ngram"):
+        for name in ("max_batch_size", "max_seq_len", "beam_width", "beam_length", "lookup_ngram", "lookup_length"):
             value = getattr(self, name)
             least = 1 if name == "max_seq_len" else 0
             if not isinstance(value, int) or value < least:
@@ -57,6 +58,8 @@ class ModelSource:
         if self.lookup_ngram and (self.engine or self.drafter == "none"):
             raise ValueError("a lookup beam needs --base with a drafter (an engine is built with its own "
                              "`redrafter build --lookup`): drop --lookup")
+        if self.lookup_length and not self.lookup_ngram:
+            raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too, or drop it")
         if self.engine and not (Path(self.engine) / "config.json").is_file():
             raise FileNotFoundError(f"{self.engine!r} is not an engine directory (no config.json): "
                                     "build one with `redrafter build`")
@@ -67,6 +70,7 @@ class ModelSource:
         width, length = default_beam_shape("cpu")
         beams = f"{self.beam_width or width}x{self.beam_length or length}"
         lookup = f", lookup {self.lookup_ngram}" if self.lookup_ngram else ""
+        lookup += f" x {self.lookup_length}" if self.lookup_length else ""
         return (f"base {self.base} + drafter {self.drafter} (max_seq_len {self.max_seq_len}, "
                 f"beams {beams}{lookup}, {self.beam_policy})")
 
@@ -98,7 +102,8 @@ class ModelSource:
         return Session.load(self.base, None if self.drafter == "none" else self.drafter,
                             max_batch_size=self.max_batch_size or 8, max_seq_len=self.max_seq_len,
                             beam_width=self.beam_width or None, beam_length=self.beam_length or None,
-                            beam_policy=policy, lookup_ngram=self.lookup_ngram)
+                            beam_policy=policy, lookup_ngram=self.lookup_ngram,
+                            lookup_length=self.lookup_length)
 
 
 def model_config(name: str, source: ModelSource, instances: int = 1) -> str:

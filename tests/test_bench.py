@@ -95,11 +95,12 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
 
     png = tmp_path / "plots" / "bench.png"
     rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "6", "--batch-sizes", "1,2",
-                     "--beam-width", "1,2", "--beam-length", "3", "--lookup", "0,2", "--peers", "hf,llamacpp",
+                     "--beam-width", "1,2", "--beam-length", "3", "--lookup", "0,2", "--lookup-length", "5",
+                     "--peers", "hf,llamacpp",
                      "--plot", str(png)))
     assert rc == 0
     table = capsys.readouterr().out
-    assert "redrafter W2 L3 +lookup2" in table and "identical" in table
+    assert "redrafter W2 L3 +lookup2 L5" in table and "identical" in table
 
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["schema"] == "redrafter-bench/1" and report["identical"] is True
@@ -109,15 +110,15 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert "git_commit" in m and "git_dirty" in m
     s = report["settings"]
     assert s["questions"] == 3 and s["max_new_tokens"] == 6 and s["batch_sizes"] == [1, 2]
-    assert s["configs"] == [[1, 3, 0], [1, 3, 2], [2, 3, 0], [2, 3, 2]] and s["temperature"] == 0.0
+    assert s["configs"] == [[1, 3, 0, 0], [1, 3, 2, 5], [2, 3, 0, 0], [2, 3, 2, 5]] and s["temperature"] == 0.0
     assert [p["index"] for p in report["prompts"]] == [0, 1, 2]
     assert all(p["prompt_tokens"] > 5 for p in report["prompts"])  # the chat template was applied
     # llama.cpp needs a GGUF file; this base is an HF directory.
     assert any("llama.cpp peer skipped" in n for n in report["notes"])
 
     by_key = {(r["label"], r["batch_size"]): r for r in report["results"]}
-    labels = ("plain", "redrafter W1 L3", "redrafter W1 L3 +lookup2", "redrafter W2 L3", "redrafter W2 L3 +lookup2",
-              "hf")
+    labels = ("plain", "redrafter W1 L3", "redrafter W1 L3 +lookup2 L5", "redrafter W2 L3",
+              "redrafter W2 L3 +lookup2 L5", "hf")
     assert set(by_key) == {(label, b) for b in (1, 2) for label in labels}
     for (label, b), r in by_key.items():
         assert r["prompts"] == 3 and 3 <= r["tokens"] <= 3 * 6
@@ -126,10 +127,12 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
         assert r["decode_tok_per_s"] is None or r["decode_tok_per_s"] > 0
         if r["system"] == "redrafter":
             acc = r["acceptance_by_position"]
-            assert len(acc) == r["beam_length"] - 1 and all(0 <= a <= 1 for a in acc)
+            lookup = "+lookup2" in label  # its beam has 5 tokens, the drafted ones 3
+            assert r["step_length"] == (5 if lookup else 3) and len(acc) == r["step_length"] - 1
+            assert all(0 <= a <= 1 for a in acc)
             assert acc == sorted(acc, reverse=True)
             assert r["tokens_per_step"] == pytest.approx(1 + r["mean_accepted"])
-            assert r["lookup_ngram"] == (2 if label.endswith("+lookup2") else 0)
+            assert r["lookup_ngram"] == (2 if lookup else 0)
             assert r["identical"] is True and r["mismatches"] == [] and r["agreement"] is None
         elif r["system"] == "plain":
             assert r["speedup"] == 1.0 and r["tokens_per_step"] == 1.0 and r["identical"] is True
@@ -208,6 +211,7 @@ def test_plain_only_without_a_drafter(tiny_hf_dir, prompt_file, tmp_path):
     (["--beam-length", "1"], "beam length L (it counts the guaranteed token) must be >= 2"),
     (["--batch-sizes", "0,2"], "batch sizes must be >= 1"),
     (["--lookup", "-1"], "lookup n-gram must be >= 0"),
+    (["--lookup-length", "0"], "must be >= 1"),
     (["--questions", "0"], "must be >= 1"),
     (["--peers", "vllm"], "unknown peer(s) ['vllm']"),
 ])
@@ -229,6 +233,11 @@ def test_bad_datasets_give_clear_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_lookup_length_without_a_lookup_beam_is_refused(prompt_file, capsys):
+    assert main(["bench", "--dataset", str(prompt_file), "--lookup-length", "8"]) == 2
+    assert "--lookup-length sets the lookup beam's length: give --lookup N too" in capsys.readouterr().err
+
+
 def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     """--engine: plain and ReDrafter decoding of the same engine; the peers run --base."""
     from redrafter.builder.build import BuildOptions, build_engine
@@ -242,7 +251,7 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
             "--max-new-tokens", "4", "--batch-sizes", "2", "--peers", "hf", "--json", str(json_out)]
     assert main(args) == 0
     report = json.loads(json_out.read_text())
-    assert report["settings"]["engine"] == str(engine) and report["settings"]["configs"] == [[2, 3, 0]]
+    assert report["settings"]["engine"] == str(engine) and report["settings"]["configs"] == [[2, 3, 0, 0]]
     assert [(r["label"], r["batch_size"]) for r in report["results"]] == [
         ("plain", 2), ("redrafter W2 L3", 2), ("hf", 2)]
     assert report["identical"] is True
@@ -253,4 +262,5 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert main([*args[:-2], "--batch-sizes", "4"]) == 2
     assert "exceeds the engine's max batch size 2" in capsys.readouterr().err
     assert main([*args[:-2], "--lookup", "2"]) == 2
-    assert "an engine's lookup beam is chosen when it is built (`redrafter build --lookup N`)" in capsys.readouterr().err
+    assert "an engine's lookup beam is chosen when it is built (`redrafter build --lookup N --lookup-length K`)" \
+        in capsys.readouterr().err

@@ -35,14 +35,14 @@ def build(tiny_hf_dir, tmp_path_factory):
     built: dict[tuple[str, str], Path] = {}
 
     def get(backend: str, quantize: str = "none", plugin_ops: bool = False, dtype: str = "float32",
-            exact_attention: bool = False, lookup_ngram: int = 0) -> Path:
-        key = (backend, quantize, plugin_ops, dtype, exact_attention, lookup_ngram)
+            exact_attention: bool = False, lookup_ngram: int = 0, lookup_length: int = 0) -> Path:
+        key = (backend, quantize, plugin_ops, dtype, exact_attention, lookup_ngram, lookup_length)
         if key not in built:
             built[key] = build_engine(BuildOptions(
                 output=root / "-".join(map(str, key)), base=base, drafter=drafter,
                 backend=backend, quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2,
                 max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, exact_attention=exact_attention,
-                lookup_ngram=lookup_ngram, progress=False))
+                lookup_ngram=lookup_ngram, lookup_length=lookup_length, progress=False))
         return built[key]
 
     return get
@@ -97,13 +97,14 @@ def test_eager_aoti_onnx_agree_and_equal_plain_greedy(build):
 
 
 def test_an_aoti_engine_with_a_lookup_beam_decodes_like_eager(build):
-    """Built with a lookup beam, the compiled cache has room for W + 1 beams; the engine's
-    ReDrafter and plain decoders both use it (the fused step program, which has no lookup
-    beam, is passed over)."""
-    path = build("aoti", lookup_ngram=3)
+    """Built with a lookup beam longer than the drafted ones, the compiled cache has room for W
+    beams of L and the lookup beam; the engine's ReDrafter and plain decoders both use it (the
+    fused step program, which has no lookup beam, is passed over)."""
+    path = build("aoti", lookup_ngram=3, lookup_length=6)
     e = load_engine(path)
     assert e.options.lookup_ngram == 3 and e.decoder().lookup_ngram == 3
-    assert e.options.cache_capacity == MAX_SEQ_LEN + 4 * 4
+    assert e.options.lookup_length == 6 and e.decoder().step_length() == 6
+    assert e.options.cache_capacity == MAX_SEQ_LEN + 3 * 4 + 6
     eager = greedy(build("eager"))
     assert greedy(path) == eager == greedy(path, speculative=False) == greedy(path, fused_step=True)
 
@@ -625,11 +626,15 @@ def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
     out = tmp_path / "cli-engine"
     assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(out),
                  "--backend", "eager", "--max-seq-len", "32", "--exact-attention", "--lookup", "2",
-                 "--no-progress"]) == 0
+                 "--lookup-length", "5", "--no-progress"]) == 0
     e = load_engine(out)
     assert e.options.max_seq_len == 32 and e.model.layers[0].attn.work_dtype == torch.float64
     assert (e.options.beam_width, e.options.beam_length) == (1, 2)  # the CPU's default beam shape
     assert e.options.lookup_ngram == 2 and e.decoder().lookup_ngram == 2
+    assert e.options.lookup_length == 5 and e.decoder().step_length() == 5
+    assert main(["build", "--base", str(base), "--output", str(tmp_path / "k"), "--lookup-length", "5",
+                 "--no-progress"]) == 2
+    assert "lookup_length must be >= 0 (0: the beam length), with lookup_ngram > 0" in capsys.readouterr().err
     assert main(["build", "--base", str(base), "--output", str(tmp_path / "z"), "--lookup", "-1",
                  "--no-progress"]) == 2
     assert "lookup_ngram must be >= 0 (0: off), got -1" in capsys.readouterr().err

@@ -13,13 +13,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "redrafter.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("lookup", [[], ["--lookup", "3"]], ids=["drafter", "drafter+lookup"])
+@pytest.mark.parametrize("lookup", [[], ["--lookup", "3"], ["--lookup", "3", "--lookup-length", "6"]],
+                         ids=["drafter", "drafter+lookup", "drafter+longer-lookup"])
 def test_generate_json_matches_no_spec(tiny_hf_dir, capsys, lookup):
     base, drafter = tiny_hf_dir
     args = ["generate", "--prompt", "Hello there", "--max-new-tokens", "12", "--base", str(base), "--json"]
     assert main(args + ["--drafter", str(drafter), "--beam-width", "3", "--beam-length", "3", *lookup]) == 0
     spec = json.loads(capsys.readouterr().out)
     assert spec["lookup_ngram"] == (3 if lookup else 0) and spec["speculative"]
+    assert spec["lookup_length"] == (int(lookup[-1]) if "--lookup-length" in lookup else 3 if lookup else 0)
     assert main(args + ["--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
     for key in ("text", "token_ids", "tokens", "steps", "tokens_per_step", "tok_per_s"):
@@ -32,6 +34,8 @@ def test_generate_json_matches_no_spec(tiny_hf_dir, capsys, lookup):
 def test_a_lookup_beam_without_a_drafter_is_refused(capsys):
     assert main(["generate", "--prompt", "Hi", "--no-spec", "--lookup", "3"]) == 2
     assert "--lookup adds a beam to the drafter's: drop --no-spec or --lookup" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "Hi", "--lookup-length", "8"]) == 2
+    assert "--lookup-length sets the lookup beam's length: give --lookup N too" in capsys.readouterr().err
 
 
 def test_sampled_generation_is_the_same_with_and_without_drafting(tiny_hf_dir, capsys):
@@ -96,7 +100,7 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
 
 
 def test_counts_below_one_are_refused_naming_the_flag(capsys):
-    for flag in ("--beam-width", "--beam-length", "--max-new-tokens", "--max-seq-len", "--lookup"):
+    for flag in ("--beam-width", "--beam-length", "--max-new-tokens", "--max-seq-len", "--lookup", "--lookup-length"):
         with pytest.raises(SystemExit) as stop:
             main(["generate", "--prompt", "Hi", flag, "0"])
         assert stop.value.code == 2

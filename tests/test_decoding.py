@@ -25,22 +25,27 @@ def test_random_drafter_is_lossless(tiny_model, width, length, head, draft_vocab
     assert [g.token_ids for g in got] == ref
 
 
-@pytest.mark.parametrize("width,length,lookup", [(1, 4, 3), (3, 3, 2), (2, 5, 1)])
-def test_context_lookup_is_lossless(tiny_model, width, length, lookup):
+@pytest.mark.parametrize("width,length,lookup,lookup_length", [(1, 4, 3, 0), (3, 3, 2, 0), (2, 5, 1, 0),
+                                                                 (1, 2, 3, 8), (3, 3, 2, 6)])
+def test_context_lookup_is_lossless(tiny_model, width, length, lookup, lookup_length):
     d = tiny_drafter(tiny_model)
     ref = plain(tiny_model, PROMPTS, 30)
     dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, beam_width=width, beam_length=length,
-                  lookup_ngram=lookup)
+                  lookup_ngram=lookup, lookup_length=lookup_length)
     assert [g.token_ids for g in generate(dec, PROMPTS, 30)] == ref
 
 
-def test_a_right_lookup_beam_is_accepted_when_every_drafted_beam_is_wrong(monkeypatch, tiny_model):
+@pytest.mark.parametrize("length,lookup_length", [(4, 0), (2, 6)], ids=["same-length", "longer-lookup"])
+def test_a_right_lookup_beam_is_accepted_when_every_drafted_beam_is_wrong(monkeypatch, tiny_model, length,
+                                                                          lookup_length):
     """The lookup beam is verified and committed like a drafted one: with oracle lookups and
-    drafted beams wrong from their first draft on, every step accepts the lookup beam whole."""
+    drafted beams wrong from their first draft on, every step accepts the lookup beam whole,
+    also when it is longer than the drafted beams."""
     ref = plain(tiny_model, PROMPTS, 30)
-    length, vocab = 4, tiny_model.cfg.vocab_size
+    vocab = tiny_model.cfg.vocab_size
     dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=4, max_seq_len=128, beam_width=2,
-                  beam_length=length, lookup_ngram=2)
+                  beam_length=length, lookup_ngram=2, lookup_length=lookup_length)
+    longest = max(length, lookup_length)
     stepping = []
     step = dec.step
     monkeypatch.setattr(dec, "step", lambda slots: stepping.append(slots) or step(slots))
@@ -50,11 +55,11 @@ def test_a_right_lookup_beam_is_accepted_when_every_drafted_beam_is_wrong(monkey
         rows = []
         for slot in stepping[-1].tolist():
             emitted = int(dec.lengths[slot]) - len(PROMPTS[slot])  # ref index of the guaranteed token
-            rows.append((ref[slot][emitted:] + [0] * length)[:length])
+            rows.append((ref[slot][emitted:] + [0] * longest)[:longest])
         return torch.tensor(rows)
 
     def wrong_beams(head, embed, base_lm_head, context, first_token, width, length, return_log_probs=False):
-        beams = truth()
+        beams = truth()[:, :length]
         beams[:, 1:] = (beams[:, 1:] + 1) % vocab
         return beams[:, None].repeat(1, width, 1), None
 
@@ -62,7 +67,7 @@ def test_a_right_lookup_beam_is_accepted_when_every_drafted_beam_is_wrong(monkey
     monkeypatch.setattr(decoding, "lookup_beam", lambda history, ends, length, max_ngram, fallback: truth())
     got = generate(dec, PROMPTS, 30)
     assert [g.token_ids for g in got] == ref
-    assert all(a == length - 1 for g in got for a in g.accepted_per_step[:-1])
+    assert all(a == longest - 1 for g in got for a in g.accepted_per_step[:-1])
 
 
 class OracleBeams:

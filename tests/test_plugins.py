@@ -179,16 +179,17 @@ def test_torch_compile_captures_the_ops_in_one_graph():
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43], [2, 71]]
 
 
-@pytest.mark.parametrize("head,draft_vocab_size,lookup", [("own", 0, 0), ("shared", 0, 0), ("own", 40, 0),
-                                                           ("shared", 40, 0), ("shared", 40, 2)])
-def test_greedy_redrafter_is_lossless_with_plugins_on_and_off(head, draft_vocab_size, lookup):
+@pytest.mark.parametrize("head,draft_vocab_size,lookup,lookup_length", [
+    ("own", 0, 0, 0), ("shared", 0, 0, 0), ("own", 40, 0, 0), ("shared", 40, 0, 0), ("shared", 40, 2, 0),
+    ("shared", 40, 2, 7)])
+def test_greedy_redrafter_is_lossless_with_plugins_on_and_off(head, draft_vocab_size, lookup, lookup_length):
     model = tiny_llama(tied=head == "shared")
     drafter = tiny_drafter(model, head=head, draft_vocab_size=draft_vocab_size)
     plain = generate(Decoder(model, None, max_batch=3, max_seq_len=64), PROMPTS, 20)
     off = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4,
-                           lookup_ngram=lookup), PROMPTS, 20)
+                           lookup_ngram=lookup, lookup_length=lookup_length), PROMPTS, 20)
     on = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4,
-                          use_plugins=True, lookup_ngram=lookup), PROMPTS, 20)
+                          use_plugins=True, lookup_ngram=lookup, lookup_length=lookup_length), PROMPTS, 20)
     for p, a, b in zip(plain, off, on):
         assert a.token_ids == p.token_ids == b.token_ids
         assert a.accepted_per_step == b.accepted_per_step  # same drafts, same acceptance

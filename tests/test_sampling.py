@@ -158,14 +158,15 @@ def _sample(decoder: Decoder, seeds: list[int], n_tokens: int, **filters) -> lis
 
 
 @pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])
-@pytest.mark.parametrize("shape", [(3, 4, 0), (8, 3, 0), (2, 6, 0), (1, 5, 3)],
-                         ids=lambda s: f"W{s[0]}L{s[1]}" + (f"+lookup{s[2]}" if s[2] else ""))
+@pytest.mark.parametrize("shape", [(3, 4, 0, 0), (8, 3, 0, 0), (2, 6, 0, 0), (1, 5, 3, 0), (2, 2, 3, 7)],
+                         ids=lambda s: f"W{s[0]}L{s[1]}" + (f"+lookup{s[2]}" if s[2] else "")
+                         + (f"L{s[3]}" if s[3] else ""))
 def test_seeded_redrafter_sampling_equals_seeded_plain_sampling(small_vocab, shape, filters):
     model, drafter = small_vocab
     seeds = list(range(64))
     plain = _sample(Decoder(model, None, max_batch=64, max_seq_len=32), seeds, 16, **filters)
     spec_decoder = Decoder(model, drafter, max_batch=64, max_seq_len=32, beam_width=shape[0], beam_length=shape[1],
-                           lookup_ngram=shape[2])
+                           lookup_ngram=shape[2], lookup_length=shape[3])
     spec = _sample(spec_decoder, seeds, 16, **filters)
     assert spec == plain
     assert len({tuple(s) for s in spec}) > 32  # the seeds really give different samples
@@ -269,11 +270,14 @@ def _first_three(dec: Decoder, slots: torch.Tensor, first: list[int]) -> tuple[l
 
 
 @pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])
-def test_sampling_with_a_lookup_beam_matches_the_exact_distribution(small_vocab, filters):
+@pytest.mark.parametrize("length,lookup_length", [(4, 0), (2, 4)], ids=["same-length", "longer-lookup"])
+def test_sampling_with_a_lookup_beam_matches_the_exact_distribution(small_vocab, filters, length, lookup_length):
     """W=1 drafts plus the context lookup beam: with 8 tokens most sampled tokens occurred in PROMPT
-    before, so the beam copies what followed them there (about 2% more tokens per step than W=1 alone)."""
+    before, so the beam copies what followed them there (about 2% more tokens per step than W=1 alone).
+    A lookup beam longer than the drafted one ends those in PAD: the walk must stop at their ends."""
     model, drafter = small_vocab
-    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, beam_width=1, beam_length=4, lookup_ngram=2)
+    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, beam_width=1, beam_length=length, lookup_ngram=2,
+                  lookup_length=lookup_length)
     slots, first = _prefill(dec, filters)
     out, emitted = _first_three(dec, slots, first)
     assert {2, 3} <= set(emitted)

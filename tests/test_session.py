@@ -29,10 +29,10 @@ def solo_greedy(model, prompt: list[int], n: int, eos=()) -> list[int]:
     return generate(Decoder(model, None, max_batch=1, max_seq_len=MAX_SEQ_LEN), [prompt], n, eos)[0].token_ids
 
 
-def make_session(tiny, slots=4, width=3, length=4, lookup=0, **kw) -> Session:
+def make_session(tiny, slots=4, width=3, length=4, lookup=0, lookup_length=0, **kw) -> Session:
     model, drafter = tiny
     dec = Decoder(model, drafter, max_batch=slots, max_seq_len=MAX_SEQ_LEN, beam_width=width, beam_length=length,
-                  lookup_ngram=lookup)
+                  lookup_ngram=lookup, lookup_length=lookup_length)
     return Session(dec, **kw)
 
 
@@ -229,15 +229,19 @@ def test_stop_token_ids_and_eos(tiny):
     assert ignored.token_ids == ref and ignored.finish_reason == "length"
 
 
-@pytest.mark.parametrize("lookup", [0, 2])
-def test_adaptive_beam_policy_changes_shape_with_batch_size_and_stays_lossless(tiny, lookup):
+@pytest.mark.parametrize("lookup,lookup_length", [(0, 0), (2, 0), (2, 7)])
+def test_adaptive_beam_policy_changes_shape_with_batch_size_and_stays_lossless(tiny, lookup, lookup_length):
     model, _ = tiny
     policy = BeamPolicy.from_table({1: (4, 4), 2: (2, 3), 3: (1, 1)})
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10]]
     lengths = [40, 10, 20, 30]  # the batch shrinks 4 -> 3 -> 2 -> 1 as requests finish
-    with make_session(tiny, slots=4, width=4, length=4, lookup=lookup, beam_policy=policy) as s:
+    with make_session(tiny, slots=4, width=4, length=4, lookup=lookup, lookup_length=lookup_length,
+                      beam_policy=policy) as s:
         outs = s.generate(prompts, [SamplingParams(max_new_tokens=n) for n in lengths])
-        shapes = s.metrics()["beam_shapes"]
+        metrics = s.metrics()
+        shapes = metrics["beam_shapes"]
+    # Acceptance is counted at every position of the longest beam: the lookup beam's, if longer.
+    assert len(metrics["acceptance_by_position"]) == max(3, lookup_length - 1)
     assert [o.token_ids for o in outs] == [solo_greedy(model, p, n) for p, n in zip(prompts, lengths)]
     assert set(shapes) == {"plain", "2x3", "4x4"}
 
@@ -255,6 +259,8 @@ def test_beam_policy_tables_and_limits(tiny):
         make_session(tiny, width=3, length=4, beam_policy=policy)
     with pytest.raises(ValueError, match="shape 8x5 needs 45 tree tokens but the decoder was built for 16"):
         make_session(tiny, width=3, length=4, lookup=3, beam_policy=policy)
+    with pytest.raises(ValueError, match="shape 8x5 needs 48 tree tokens but the decoder was built for 20"):
+        make_session(tiny, width=3, length=4, lookup=3, lookup_length=8, beam_policy=policy)
 
 
 def test_measured_policy_warms_up_then_exploits_and_keeps_exploring():

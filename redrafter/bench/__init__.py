@@ -58,6 +58,8 @@ def register(subparsers) -> None:
     p.add_argument("--lookup", type=_int_list("lookup n-gram", 0), default=[0], metavar="N,...",
                    help="context lookup: add a beam copying what followed the last 1..N tokens earlier in the "
                         "sequence (0 = off, the default); every (W, L) pair is measured with each N")
+    p.add_argument("--lookup-length", type=positive_int, default=None, metavar="K",
+                   help="with --lookup: the lookup beam's tokens if more than L (default: L)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples through the serving Session, seeded per prompt")
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if len(texts) < args.questions:
         notes.append(f"{args.dataset} has {len(texts)} prompts; --questions {args.questions} asked for more")
     target = open_target(args.engine, args.base, args.drafter, args.beam_width, args.beam_length, args.lookup,
-                         args.batch_sizes, args.device)
+                         args.lookup_length or 0, args.batch_sizes, args.device)
     prompts = [target.encode_chat(t) for t in texts]
     load_before = report.load_average()
     results, reference = measure(target, prompts, args.max_new_tokens, args.batch_sizes, args.peers, args.base,
@@ -216,10 +218,11 @@ def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tu
         label, b = key
         ours = system.name in ("plain", "redrafter")
         fig = figures([r for _, r in runs[key]],
-                      (system.beam_length - 1) if system.name == "redrafter" else (0 if ours else None))
+                      (system.step_length - 1) if system.name == "redrafter" else (0 if ours else None))
         plain = figures([r for _, r in runs[("plain", b)]], 0)
         entry = {"system": system.name, "label": label, "batch_size": b, "beam_width": system.beam_width,
-                 "beam_length": system.beam_length, "lookup_ngram": system.lookup_ngram, **fig,
+                 "beam_length": system.beam_length, "lookup_ngram": system.lookup_ngram,
+                 "step_length": system.step_length, **fig,
                  "speedup": fig["tok_per_s"] / plain["tok_per_s"],
                  "decode_speedup": (fig["decode_tok_per_s"] / plain["decode_tok_per_s"]
                                     if fig["decode_tok_per_s"] and plain["decode_tok_per_s"] else None),

@@ -36,13 +36,16 @@ class System(ABC):
     beam_width: int | None = None
     beam_length: int | None = None
     lookup_ngram: int | None = None
+    step_length: int | None = None  # the longest beam (the lookup beam may be longer than L)
 
     @property
     def label(self) -> str:
         if self.name != "redrafter":
             return self.name
-        return f"redrafter W{self.beam_width} L{self.beam_length}" + (f" +lookup{self.lookup_ngram}"
-                                                                      if self.lookup_ngram else "")
+        lookup = f" +lookup{self.lookup_ngram}" if self.lookup_ngram else ""
+        if self.lookup_ngram and self.step_length > self.beam_length:
+            lookup += f" L{self.step_length}"
+        return f"redrafter W{self.beam_width} L{self.beam_length}{lookup}"
 
     @abstractmethod
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
@@ -52,9 +55,11 @@ class System(ABC):
         """Release what the system holds (threads, caches)."""
 
 
-def _shape(decoder: Decoder) -> tuple[int | None, int | None, int | None]:
-    """(W, L, lookup n-gram) of a ReDrafter decoder; Nones for plain decoding."""
-    return (decoder.beam_width, decoder.beam_length, decoder.lookup_ngram) if decoder.speculative else (None,) * 3
+def _shape(decoder: Decoder) -> tuple[int | None, ...]:
+    """(W, L, lookup n-gram, longest beam) of a ReDrafter decoder; Nones for plain decoding."""
+    if not decoder.speculative:
+        return (None,) * 4
+    return decoder.beam_width, decoder.beam_length, decoder.lookup_ngram, decoder.step_length()
 
 
 class OursSystem(System):
