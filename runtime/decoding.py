@@ -248,10 +248,9 @@ class Decoder:
         return (self.beam_width, self.beam_length) == self._draft_shape
 
     def _draft_and_pack(self, slots: Tensor) -> tuple[Tensor, PackedBeams]:
-        """Beams [B, W, L] (with context lookup: [B, W + 1, step_length()], the drafted ones padded)
-        and their packed tree; the drafted ones from
-        the plugin ops, the engine's compiled drafting program (while the beam shape is the built
-        one) or the eager beam search."""
+        """Beams [B, W, L] and their packed tree; the drafted ones from the plugin ops, the engine's
+        compiled drafting program (while the beam shape is the built one) or the eager beam search.
+        With context lookup: [B, W + 1, step_length()], the drafted beams padded with PAD."""
         m, head = self.model, self.drafter
         context, first = self.hidden[slots], self.next_token[slots]
         base_head = self._draft_lm_head
