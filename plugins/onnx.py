@@ -76,8 +76,9 @@ SCHEMAS = [
         defs.OpSchema.Attribute("num_draft_layers", _INT, "ResBlock (weight, bias) pairs at the end"),
     ], types=[*_FLOATS, "tensor(int64)"]),
     _schema("PackBeams", "Prefix dedup of beams into a tree (redrafter::pack_beams).",
-            inputs=[_i64("beams", "[B, W, L]")],
-            outputs=[_i64("tokens", "[B, W*L]"), _i64("depth", "[B, W*L]"), _i64("unpacker", "[B, W, L]"),
+            inputs=[_i64("beams", "[B, W, L]; a beam may end in a PAD (-1) tail, which is not packed")],
+            outputs=[_i64("tokens", "[B, W*L]"), _i64("depth", "[B, W*L]"),
+                     _i64("unpacker", "[B, W, L]; past a beam's end, its last token's index"),
                      _param("mask", "tensor(bool)", "[B, W*L, W*L]"), _i64("n_tokens", "[B]")]),
     _schema("PackedAttention", "Tree-masked GQA attention over the KV cache (redrafter::packed_attention).",
             inputs=[_param("q", "T", "[B, T, heads, d]"), _param("k", "T", "[B, T, kv_heads, d]"),
@@ -88,7 +89,7 @@ SCHEMAS = [
     _schema("KvCommit", "Move the accepted path's K/V into place (redrafter::kv_commit).",
             inputs=[_param("k_cache", "T", "[layers, slots, capacity, kv_heads, d]"),
                     _param("v_cache", "T", "[layers, slots, capacity, kv_heads, d]"),
-                    _i64("slots", "[B]"), _i64("starts", "[B]"), _i64("src", "[B, n] ascending scratch offsets")],
+                    _i64("slots", "[B]"), _i64("starts", "[B]"), _i64("src", "[B, n] scratch offsets, src[:, i] >= i")],
             outputs=[_param("k_cache_out", "T", "updated k_cache"), _param("v_cache_out", "T", "updated v_cache")]),
 ]
 

@@ -5,7 +5,8 @@ Importing this module registers four ops with torch.library (namespace "redrafte
 - beam_draft: the draft head's whole W x L beam search -> beams [B, W, L] (vocabulary ids,
   also with a draft vocabulary: the head's output rows are mapped to their token ids);
 - pack_beams: prefix dedup -> fixed-size packed tokens [B, W*L], depths, unpacker,
-  tree mask [B, W*L, W*L] and n_tokens [B] (padding tokens see only themselves);
+  tree mask [B, W*L, W*L] and n_tokens [B] (padding tokens see only themselves; a beam may
+  end in PAD, as in runtime.tree);
 - packed_attention: one layer's attention of the new (packed) tokens over their committed
   KV cache and over themselves under the tree mask, with GQA;
 - kv_commit: move the accepted path's K/V entries into place (mutates the caches).
@@ -160,7 +161,7 @@ def _(q, k, v, k_cache, v_cache, slots, starts, tree_mask):
 
 def _kv_commit(k_cache: Tensor, v_cache: Tensor, slots: Tensor, starts: Tensor, src: Tensor) -> None:
     """Move entries starts+src[:, i] to starts+i in every layer of both caches
-    ([layers, slots, capacity, kv_heads, d]); src [B, n] ascending with src[:, i] >= i."""
+    ([layers, slots, capacity, kv_heads, d]); src [B, n] with src[:, i] >= i."""
     commit_kv(k_cache, v_cache, slots, starts, src)
 
 
