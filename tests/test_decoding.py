@@ -171,7 +171,8 @@ def test_smollm2_lossless_batch_1_and_4(monkeypatch, smollm2, mtbench_prompts, w
 @pytest.mark.slow
 def test_smollm2_with_context_lookup_is_lossless_and_takes_fewer_steps(smollm2, mtbench_prompts):
     """The real model repeats phrases of its prompt and of its own answer: the lookup beam is
-    accepted often enough to save steps, and the output stays plain greedy decoding's."""
+    accepted often enough to save steps, more so when it is longer than the drafted beam, and the
+    output stays plain greedy decoding's."""
     from redrafter.runtime.drafter import load_drafter
     from redrafter.runtime.pipeline import default_drafter_dir
 
@@ -179,9 +180,11 @@ def test_smollm2_with_context_lookup_is_lossless_and_takes_fewer_steps(smollm2, 
     prompts = [smollm2.encode_chat(p) for p in mtbench_prompts]
     ref = [g.token_ids for g in generate(Decoder(m, None, max_batch=4, max_seq_len=512), prompts, 64, smollm2.eos_ids)]
     steps = {}
-    for lookup in (0, 3):
-        dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=1, beam_length=4, lookup_ngram=lookup)
+    for lookup, lookup_length in ((0, 0), (3, 0), (3, 16)):
+        dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=1, beam_length=4, lookup_ngram=lookup,
+                      lookup_length=lookup_length)
         got = generate(dec, prompts, 64, smollm2.eos_ids)
         assert [g.token_ids for g in got] == ref
-        steps[lookup] = sum(g.steps for g in got)
-    assert steps[3] < 0.95 * steps[0]
+        steps[lookup, lookup_length] = sum(g.steps for g in got)
+    assert steps[3, 0] < 0.95 * steps[0, 0]
+    assert steps[3, 16] < steps[3, 0]
