@@ -187,6 +187,7 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
 
     capacity = opts.cache_capacity
     dev = model.embed.weight.device
+    keep = opts.tree == "search"  # the draft and step programs draft the search tree
     programs = {}
     if opts.backend == "aoti":
         from .export_aoti import compile_aoti, verify_engine_forward
@@ -203,14 +204,15 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
         if head is not None:
             dargs, dshapes = draft_examples(model, opts.max_batch_size)
             stages.run("compile draft (AOTInductor)", lambda: compile_aoti(
-                DraftBeams(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops, opts.draft_quantize),
+                DraftBeams(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops, opts.draft_quantize,
+                           keep),
                 dargs, dshapes,
                 tmp / PROGRAMS_DIR / "draft.pt2"))
             programs["draft"] = f"{PROGRAMS_DIR}/draft.pt2"
             sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
             stages.run("compile step (AOTInductor)", lambda: compile_aoti(
                 SpeculativeStep(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops,
-                                quantize=opts.draft_quantize), sargs, sshapes,
+                                quantize=opts.draft_quantize, keep_prefixes=keep), sargs, sshapes,
                 tmp / PROGRAMS_DIR / "step.pt2"))
             programs["step"] = f"{PROGRAMS_DIR}/step.pt2"
         else:
@@ -227,12 +229,13 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
     if head is not None:
         dargs, dshapes = draft_examples(model, opts.max_batch_size)
         stages.run("export draft (ONNX)", lambda: export_onnx(
-            DraftBeams(model, head, opts.beam_width, opts.beam_length), dargs, dshapes,
+            DraftBeams(model, head, opts.beam_width, opts.beam_length, keep_prefixes=keep), dargs, dshapes,
             tmp / PROGRAMS_DIR / "draft.onnx", DRAFT_INPUTS, DRAFT_OUTPUTS))
         programs["draft"] = f"{PROGRAMS_DIR}/draft.onnx"
         sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
         stages.run("export step (ONNX, plugin nodes)", lambda: export_step_onnx(
-            SpeculativeStep(model, head, opts.beam_width, opts.beam_length, plugin_ops=True, functional=True),
+            SpeculativeStep(model, head, opts.beam_width, opts.beam_length, plugin_ops=True, functional=True,
+                            keep_prefixes=keep),
             sargs, sshapes, tmp / PROGRAMS_DIR / "step.onnx"))
         programs["step"] = f"{PROGRAMS_DIR}/step.onnx"
     else:

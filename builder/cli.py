@@ -5,6 +5,8 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from redrafter.runtime.decoding import TREES
+
     from . import BACKENDS, DTYPE_NAMES, QUANTIZE
 
     p = subparsers.add_parser("build", help="build an engine directory (weights, tokenizer, compiled programs)",
@@ -36,6 +38,9 @@ def register(subparsers) -> None:
     p.add_argument("--lookup-length", type=int, default=0, metavar="K",
                    help="with --lookup: the lookup beam's tokens, counting the guaranteed token, if more than "
                         "--beam-length (default: --beam-length)")
+    p.add_argument("--tree", default="beams", choices=list(TREES),
+                   help="what a step verifies: the W final beams (default) or every prefix the beam search kept "
+                        "(search: 1 + W(L-1) tokens, more accepted per step)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -48,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, backend=args.backend, beam_width=args.beam_width, beam_length=args.beam_length,
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, plugin_ops=args.plugin_ops,
         exact_attention=args.exact_attention, lookup_ngram=args.lookup,
-        lookup_length=args.lookup_length, progress=not args.no_progress))
+        lookup_length=args.lookup_length, tree=args.tree, progress=not args.no_progress))
     print(out)
     return 0

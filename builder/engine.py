@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from redrafter.runtime import pipeline
-from redrafter.runtime.decoding import Decoder, tree_tokens
+from redrafter.runtime.decoding import TREES, Decoder, tree_tokens
 from redrafter.runtime.drafter import DraftHead, DrafterConfig
 from redrafter.runtime.model import Llama, LlamaConfig, rope_inv_freq
 
@@ -65,6 +65,7 @@ class EngineOptions:
     exact_attention: bool = False  # attention in float64 (Llama.exact_attention)
     lookup_ngram: int = 0  # context lookup beam (runtime/lookup.py); 0: off
     lookup_length: int = 0  # the lookup beam's tokens if more than beam_length; 0: beam_length
+    tree: str = "beams"  # what a step verifies (runtime.decoding.TREES); engines before it: beams
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -81,6 +82,8 @@ class EngineOptions:
         if self.lookup_length < 0 or (self.lookup_length and not self.lookup_ngram):
             raise ValueError(f"lookup_length must be >= 0 (0: the beam length), with lookup_ngram > 0; got "
                              f"lookup_length={self.lookup_length}, lookup_ngram={self.lookup_ngram}")
+        if self.tree not in TREES:
+            raise ValueError(f"unknown tree {self.tree!r}: choose one of {', '.join(TREES)}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.exact_attention and self.plugin_ops:
@@ -265,7 +268,8 @@ class Engine:
                        draft=programs.draft if speculative else None,
                        fused_step=programs.step if speculative and fused_step else None,
                        lookup_ngram=o.lookup_ngram if speculative and self.drafter is not None else 0,
-                       lookup_length=o.lookup_length if speculative and self.drafter is not None else 0)
+                       lookup_length=o.lookup_length if speculative and self.drafter is not None else 0,
+                       tree=o.tree)
 
 
 @dataclass
@@ -291,13 +295,14 @@ def _load_programs(engine: Engine) -> Programs:
 
         import redrafter.plugins.ops  # noqa: F401  (registers the ops the programs call)
 
-        m, head, w, l = engine.model, engine.drafter, o.beam_width, o.beam_length
+        m, head, w, l, keep = engine.model, engine.drafter, o.beam_width, o.beam_length, o.tree == "search"
         out = Programs(forward=load_aoti(fwd_file, BaseForward(m)))
         q = o.draft_quantize or "none"
         if path("draft"):
-            out.draft = dense(load_aoti(path("draft"), DraftBeams(m, head, w, l, o.plugin_ops, q)))
+            out.draft = dense(load_aoti(path("draft"), DraftBeams(m, head, w, l, o.plugin_ops, q, keep)))
         if path("step"):
-            out.step = dense(load_aoti(path("step"), SpeculativeStep(m, head, w, l, o.plugin_ops, quantize=q)))
+            out.step = dense(load_aoti(path("step"), SpeculativeStep(m, head, w, l, o.plugin_ops, quantize=q,
+                                                                     keep_prefixes=keep)))
         return out
     if o.backend == "onnx":
         from .export_onnx import OrtDraft, OrtForward, OrtStep

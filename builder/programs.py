@@ -70,10 +70,11 @@ class DraftBeams(nn.Module):
     a shared-head drafter), which the engine shares with the base model. With quantize (int8
     or int4; not with plugin_ops, whose op takes float weights) it drafts with a quantized
     copy of the head and of its projection (builder.quantize.quantize_drafter), made from the
-    engine's weights at build and at load alike."""
+    engine's weights at build and at load alike. keep_prefixes: the search tree's beams
+    (runtime.beam_search)."""
 
     def __init__(self, model: Llama, head: DraftHead, width: int, length: int, plugin_ops: bool = False,
-                 quantize: str = "none"):
+                 quantize: str = "none", keep_prefixes: bool = False):
         super().__init__()
         self.embed, self.plugin_ops = model.embed, plugin_ops
         shared = head.cfg.head == "shared"
@@ -92,7 +93,7 @@ class DraftBeams(nn.Module):
             self.register_buffer("draft_lm_head", rows, persistent=False)
         else:
             self.draft_lm_head = None
-        self.width, self.length = width, length
+        self.width, self.length, self.keep_prefixes = width, length, keep_prefixes
         self.train(False)
 
     def forward(self, context: Tensor, first_token: Tensor) -> Tensor:
@@ -103,9 +104,10 @@ class DraftBeams(nn.Module):
         if self.plugin_ops:  # one redrafter::beam_draft node (AOTInductor calls the registered op)
             from redrafter.plugins import ops
 
-            return ops.draft(self.head, self.embed.weight, base_head, context, first_token, self.width, self.length)
+            return ops.draft(self.head, self.embed.weight, base_head, context, first_token, self.width, self.length,
+                             keep_prefixes=self.keep_prefixes)
         beams, _ = beam_search(self.head, self.embed.weight, base_head, context, first_token,
-                               self.width, self.length)
+                               self.width, self.length, keep_prefixes=self.keep_prefixes)
         return beams
 
 
@@ -118,23 +120,24 @@ class SpeculativeStep(nn.Module):
     and also returns the updated caches."""
 
     def __init__(self, model: Llama, head: DraftHead, width: int, length: int, plugin_ops: bool = False,
-                 functional: bool = False, quantize: str = "none"):
+                 functional: bool = False, quantize: str = "none", keep_prefixes: bool = False):
         super().__init__()
         from redrafter.plugins import ops  # noqa: F401  (registers pack_beams, packed_attention, kv_commit)
 
         self.model, self.functional = model, functional
-        self.draft = DraftBeams(model, head, width, length, plugin_ops, quantize)
+        self.draft = DraftBeams(model, head, width, length, plugin_ops, quantize, keep_prefixes)
         self.train(False)
 
     def forward(self, context: Tensor, first_token: Tensor, k: Tensor, v: Tensor, slots: Tensor,
                 starts: Tensor) -> tuple[Tensor, ...]:
         if self.functional:
             k, v = k.clone(), v.clone()
-        beams = self.draft(context, first_token)  # [B, W, L]
-        tokens, depth, unpacker, tree, _ = torch.ops.redrafter.pack_beams(beams)  # [B, W * L], ...
-        # Every beam starts with the guaranteed token, so a tree holds at most 1 + W * (L - 1)
-        # tokens: verify only those (what lies past a row's n_tokens is padding).
-        t = 1 + beams.shape[1] * (beams.shape[2] - 1)
+        beams = self.draft(context, first_token)  # [B, W, L] (the search tree: [B, W * (L - 1), L])
+        tokens, depth, unpacker, tree, _ = torch.ops.redrafter.pack_beams(beams)  # [B, beams * L], ...
+        # Every beam starts with the guaranteed token and a depth holds at most W tokens (W beams, or
+        # the W prefixes beam search kept there), so a tree holds at most 1 + W * (L - 1) tokens:
+        # verify only those (what lies past a row's n_tokens is padding).
+        t = 1 + self.draft.width * (beams.shape[2] - 1)
         tokens, depth, tree = tokens[:, :t], depth[:, :t], tree[:, :t, :t]
         # plugin_ops: attention through redrafter::packed_attention (a Triton kernel on CUDA).
         # Otherwise the compiler fuses attention over the whole cache (static span: the

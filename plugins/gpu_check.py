@@ -169,10 +169,14 @@ def check_beam_draft(s: Shapes, device: torch.device, dtype: torch.dtype, reps: 
                     same = (out == ref).all(-1).float().mean().item()
                     slack = beam_slack(head, embed, lm_head, context,
                                        lambda n: kernels.beam_draft(*args, **(kw | {"length": n})), w, l)
-                    ok = slack <= (1e-3 if dtype == torch.float32 else 3e-2) * (l - 1)
+                    # The search tree: the same final beams first, then W kept prefixes per shorter depth.
+                    tree = kernels.beam_draft(*args, **kw, keep_prefixes=True)
+                    tree_ok = tree.shape[1] == w * max(l - 1, 1) and torch.equal(tree[:, :w], out)
+                    ok = slack <= (1e-3 if dtype == torch.float32 else 3e-2) * (l - 1) and tree_ok
                     name = f"{head_kind} Vd={vd}" if vd else head_kind
                     rows.append(Row("beam_draft", f"{name} B={b} W={w} L={l}", str(dtype)[6:],
-                                    f"same beams as the reference {same:.0%}, top-W slack {slack:.1e}", ok,
+                                    f"same beams as the reference {same:.0%}, top-W slack {slack:.1e}, "
+                                    f"search tree {'ok' if tree_ok else 'WRONG'}", ok,
                                     timed(lambda: REFERENCES["beam_draft"](*args, **kw), device, reps),
                                     timed(lambda: kernels.beam_draft(*args, **kw), device, reps)))
     return rows

@@ -64,7 +64,7 @@ SCHEMAS = [
         defs.OpSchema.FormalParameter(
             "inputs", "T", "context [B, H], first_token [B] (int64), embed [V, H], then the head's weights "
             "(see plugins/onnx.py)", param_option=_Opt.Variadic, is_homogeneous=False, min_arity=5),
-    ], outputs=[_i64("beams", "[B, W, L]")], attributes=[
+    ], outputs=[_i64("beams", "[B, W, L]; keep_prefixes: [B, W * max(L-1, 1), L], PAD-ended")], attributes=[
         defs.OpSchema.Attribute("width", _INT, "beams W"),
         defs.OpSchema.Attribute("length", _INT, "tokens per beam L, guaranteed token included"),
         defs.OpSchema.Attribute("rnn", _INT, "1: rnn_w, rnn_u_weight, rnn_u_bias follow embed"),
@@ -74,6 +74,9 @@ SCHEMAS = [
                                 "1: draft_vocab [Vd] (int64 token id of each output row) follows "
                                 "out_weight / base_lm_head, which then have Vd rows"),
         defs.OpSchema.Attribute("num_draft_layers", _INT, "ResBlock (weight, bias) pairs at the end"),
+        defs.OpSchema.Attribute("keep_prefixes", onnx.helper.make_attribute("keep_prefixes", 0),
+                                "1: the search tree: the W final beams, then the W prefixes beam search kept at "
+                                "each shorter depth (longest first), each ended with PAD (-1)"),
     ], types=[*_FLOATS, "tensor(int64)"]),
     _schema("PackBeams", "Prefix dedup of beams into a tree (redrafter::pack_beams).",
             inputs=[_i64("beams", "[B, W, L]; a beam may end in a PAD (-1) tail, which is not packed")],
@@ -145,13 +148,14 @@ def _translations() -> dict[Any, Any]:
 
     def beam_draft(context, first_token, embed, rnn_w, rnn_u_weight, rnn_u_bias, input_proj_weight,
                    input_proj_bias, res_weights, res_biases, out_weight, base_lm_head, draft_vocab, width,
-                   length):
+                   length, keep_prefixes=False):
         inputs = beam_draft_inputs(context, first_token, embed, rnn_w, rnn_u_weight, rnn_u_bias,
                                    input_proj_weight, input_proj_bias, res_weights, res_biases, out_weight,
                                    base_lm_head, draft_vocab)
         return r.BeamDraft(*inputs, width=width, length=length, rnn=int(rnn_w is not None),
                            input_proj=int(input_proj_weight is not None), shared=int(base_lm_head is not None),
-                           draft_vocab=int(draft_vocab is not None), num_draft_layers=len(res_weights))
+                           draft_vocab=int(draft_vocab is not None), num_draft_layers=len(res_weights),
+                           keep_prefixes=int(keep_prefixes))
 
     def pack_beams(beams):
         return r.PackBeams(beams)
@@ -269,10 +273,12 @@ def _register_pyops(beam_draft_signatures: set[str]) -> None:
 
     for sig in beam_draft_signatures - _registered:
         @onnx_op(op_type=f"BeamDraft_{sig}", domain=_ORT_DOMAIN, inputs=[i64 if c == "i" else f32 for c in sig],
-                 outputs=[i64], attrs=plugin | {k: D.dt_int64 for k in ("width", "length", *_LAYOUT)})
-        def _draft(*inputs, width, length, rnn, input_proj, shared, draft_vocab, num_draft_layers, **_):
+                 outputs=[i64], attrs=plugin | {k: D.dt_int64 for k in ("width", "length", "keep_prefixes", *_LAYOUT)})
+        def _draft(*inputs, width, length, rnn, input_proj, shared, draft_vocab, num_draft_layers, keep_prefixes=0,
+                   **_):
             args = beam_draft_args([t(x) for x in inputs], rnn, input_proj, shared, num_draft_layers, draft_vocab)
-            return ops.REFERENCES["beam_draft"](**args, width=width, length=length).numpy()
+            return ops.REFERENCES["beam_draft"](**args, width=width, length=length,
+                                               keep_prefixes=bool(keep_prefixes)).numpy()
 
         _registered.add(sig)
 

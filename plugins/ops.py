@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..runtime.beam_search import beam_search as _beam_search
+from ..runtime.beam_search import beam_search as _beam_search, search_tree_beams
 from ..runtime.drafter import DraftHead, DrafterConfig, check_draft_vocab
 from ..runtime.model import KVCache, attend, attention_mask, commit_kv
 from ..runtime.tree import PackedBeams, pack_beams as _pack_beams
@@ -78,8 +78,10 @@ def _beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
                rnn_w: Optional[Tensor], rnn_u_weight: Optional[Tensor], rnn_u_bias: Optional[Tensor],
                input_proj_weight: Optional[Tensor], input_proj_bias: Optional[Tensor],
                res_weights: list[Tensor], res_biases: list[Tensor], out_weight: Tensor,
-               base_lm_head: Optional[Tensor], draft_vocab: Optional[Tensor], width: int, length: int) -> Tensor:
-    """Draft `width` beams of `length` tokens (guaranteed token first) -> beams [B, W, L] int64.
+               base_lm_head: Optional[Tensor], draft_vocab: Optional[Tensor], width: int, length: int,
+               keep_prefixes: bool = False) -> Tensor:
+    """Draft `width` beams of `length` tokens (guaranteed token first) -> beams [B, W, L] int64
+    (keep_prefixes: the search tree, [B, W * max(L-1, 1), L], see runtime.beam_search).
 
     context [B, H]: base hidden state at the last accepted token; first_token [B]; embed
     [V, H]: base input embedding. The head is given by its weights: rnn_* absent means
@@ -92,7 +94,8 @@ def _beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
     _check_draft(context, first_token, width, length)
     head = _draft_head(embed, rnn_w, rnn_u_weight, rnn_u_bias, input_proj_weight, input_proj_bias,
                        res_weights, res_biases, out_weight, base_lm_head, draft_vocab)
-    beams, _ = _beam_search(head, embed, base_lm_head, context, first_token, width, length)
+    beams, _ = _beam_search(head, embed, base_lm_head, context, first_token, width, length,
+                            keep_prefixes=keep_prefixes)
     return beams.clone(memory_format=torch.contiguous_format)  # L=1: a view of first_token
 
 
@@ -101,9 +104,10 @@ beam_draft = torch.library.custom_op(f"{NAMESPACE}::beam_draft", _beam_draft, mu
 
 @beam_draft.register_fake
 def _(context, first_token, embed, rnn_w, rnn_u_weight, rnn_u_bias, input_proj_weight, input_proj_bias,
-      res_weights, res_biases, out_weight, base_lm_head, draft_vocab, width, length):
+      res_weights, res_biases, out_weight, base_lm_head, draft_vocab, width, length, keep_prefixes=False):
     _check_draft(context, first_token, width, length)
-    return context.new_empty(context.shape[0], width, length, dtype=torch.long)
+    beams = search_tree_beams(width, length) if keep_prefixes else width
+    return context.new_empty(context.shape[0], beams, length, dtype=torch.long)
 
 
 def _pack_beams_padded(beams: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -216,13 +220,13 @@ def head_weights(head: DraftHead, base_lm_head: Tensor | None) -> dict[str, obje
 
 
 def draft(head: DraftHead, embed: Tensor, base_lm_head: Tensor | None, context: Tensor,
-          first_token: Tensor, width: int, length: int) -> Tensor:
-    """runtime.beam_search through redrafter::beam_draft -> beams [B, W, L]; base_lm_head as
-    there: head.output_weight(lm_head) for a shared head."""
+          first_token: Tensor, width: int, length: int, keep_prefixes: bool = False) -> Tensor:
+    """runtime.beam_search through redrafter::beam_draft -> beams [B, W, L] (keep_prefixes: the
+    search tree's); base_lm_head as there: head.output_weight(lm_head) for a shared head."""
     if head.cfg.head == "shared" and base_lm_head is None:
         raise ValueError("a shared-head drafter needs the base model's LM head weight")
     return torch.ops.redrafter.beam_draft(context, first_token, embed, **head_weights(head, base_lm_head),
-                                          width=width, length=length)
+                                          width=width, length=length, keep_prefixes=keep_prefixes)
 
 
 def pack(beams: Tensor) -> PackedBeams:

@@ -24,6 +24,8 @@ def positive_int(text: str) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from redrafter.runtime.decoding import TREES
+
     p.add_argument("--engine", help="engine directory built by `redrafter build` (instead of --base and --drafter)")
     p.add_argument("--base", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct; the default)")
     p.add_argument("--drafter", help="drafter dir (Apple layout) or 'default' (our shipped drafter; the default)")
@@ -37,6 +39,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lookup-length", type=positive_int, default=None, metavar="K",
                    help="with --lookup: the lookup beam's tokens, counting the guaranteed token, if more than L "
                         "(default: L)")
+    p.add_argument("--tree", choices=list(TREES), default=None,
+                   help="what a step verifies: the W final beams (beams, the default) or every prefix the beam "
+                        "search kept (search: 1 + W(L-1) tokens, more accepted per step)")
     p.add_argument("--no-spec", action="store_true", help="plain greedy decoding, no drafter")
 
 
@@ -48,21 +53,23 @@ def _session(args: argparse.Namespace) -> Session:
         given = [flag for flag, value in (("--base", args.base), ("--drafter", args.drafter),
                                           ("--beam-width", args.beam_width), ("--beam-length", args.beam_length),
                                           ("--max-seq-len", args.max_seq_len), ("--lookup", args.lookup),
-                                          ("--lookup-length", args.lookup_length),
+                                          ("--lookup-length", args.lookup_length), ("--tree", args.tree),
                                           ("--no-spec", args.no_spec or None))
                  if value is not None]
         if given:
-            raise ValueError(f"--engine fixes the base model, drafter, beam shape, lookup and max_seq_len it was "
+            raise ValueError(f"--engine fixes the base model, drafter, beam shape, lookup, tree and max_seq_len it was "
                              f"built with: drop {', '.join(given)}")
         return Session.open(args.engine, max_batch_size=1)
     if args.no_spec and args.lookup:
         raise ValueError("--lookup adds a beam to the drafter's: drop --no-spec or --lookup")
+    if args.no_spec and args.tree:
+        raise ValueError("--tree chooses what the drafter's beam search verifies: drop --no-spec or --tree")
     if args.lookup_length and not args.lookup:
         raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too")
     length = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}  # else Session.load's default
     return Session.load(args.base or "default", None if args.no_spec else args.drafter or "default", max_batch_size=1,
                         beam_width=args.beam_width, beam_length=args.beam_length, lookup_ngram=args.lookup or 0,
-                        lookup_length=args.lookup_length or 0, **length)
+                        lookup_length=args.lookup_length or 0, tree=args.tree or "beams", **length)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -92,6 +99,7 @@ def _generate(args: argparse.Namespace) -> int:
         "finish_reason": delta.finish_reason, "speculative": speculative, "beam_width": shape[0],
         "beam_length": shape[1], "lookup_ngram": session.decoder.lookup_ngram,
         "lookup_length": session.decoder.step_length() if session.decoder.lookup_ngram else 0,
+        "tree": session.decoder.tree,
         "temperature": args.temperature,
         "seed": args.seed,
     }

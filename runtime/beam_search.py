@@ -3,6 +3,12 @@
 Convention: beam_length L counts the guaranteed token (Apple's convention), so each beam
 holds the base model's own next token followed by L-1 drafted tokens. TensorRT-LLM's
 draft_len_per_beam is L-1.
+
+The search tree: beam search keeps W prefixes at every depth, not only the W final beams, and
+most of the ones it prunes on the way are shorter candidates as likely as the final beams'
+tails. `keep_prefixes` returns them all as PAD-ended beams, so verification covers the top-W
+first tokens, the top-W two-token prefixes, ...: 1 + W(L-1) packed tokens, where the final
+beams alone pack to between L and 1 + W(L-1) (they share prefixes).
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .drafter import DraftHead
+from .tree import PAD
 
 # Scores of beams that must not be expanded on the first step: low enough that no real
 # candidate loses to them, finite so sums stay finite.
@@ -18,7 +25,7 @@ _DEAD = -1e9
 
 def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | nn.Module | None, context: Tensor,
                 first_token: Tensor, width: int, length: int,
-                return_log_probs: bool = False) -> tuple[Tensor, Tensor | None]:
+                return_log_probs: bool = False, keep_prefixes: bool = False) -> tuple[Tensor, Tensor | None]:
     """Propose `width` beams of `length` tokens for each sequence.
 
     embed: base input embedding [V, H]; base_lm_head: head.output_weight(base LM head)
@@ -28,8 +35,11 @@ def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | nn.Module
     the first step expands beam 0 only, since all beams start identical.
     Returns beams [B, W, L] (vocabulary token ids) and, if asked, the per-step draft
     log-probs [B, W, L-1, Vd] over the head's draft vocabulary (aligned with each returned
-    beam's own history).
+    beam's own history). keep_prefixes: beams [B, search_tree_beams(W, L), L], the final W
+    first, then the W prefixes kept at each shorter depth (longest first), ended with PAD.
     """
+    if keep_prefixes and return_log_probs:
+        raise ValueError("keep_prefixes returns the search tree's beams without log-probs: ask for one of them")
     b, w = first_token.shape[0], width
     beams = first_token[:, None, None].expand(b, w, 1)
     scores = torch.full((b, w), _DEAD, device=context.device)
@@ -38,7 +48,10 @@ def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | nn.Module
     tokens = beams[:, :, 0]
     ctx = context[:, None, :]
     history: list[Tensor] = []
+    kept: list[Tensor] = []  # [B, W, d+1] at each depth d < L-1
     for _ in range(length - 1):
+        if keep_prefixes and beams.shape[2] > 1:
+            kept.append(beams)
         state = head.step(state, embed[tokens])
         logp = torch.log_softmax(head.logits(ctx, state, base_lm_head), dim=-1)  # [B, W, Vd]
         vocab = logp.shape[-1]
@@ -51,4 +64,11 @@ def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | nn.Module
             history = [h.gather(1, parent[:, :, None].expand_as(h)) for h in history]
             history.append(logp.gather(1, parent[:, :, None].expand_as(logp)))
     log_probs = torch.stack(history, dim=2) if return_log_probs and history else None
+    if kept:
+        beams = torch.cat([beams, *(nn.functional.pad(k, (0, length - k.shape[2]), value=PAD) for k in kept[::-1])], 1)
     return beams, log_probs
+
+
+def search_tree_beams(width: int, length: int) -> int:
+    """Beams of beam_search(..., keep_prefixes=True): W kept at each of the L-1 drafted depths."""
+    return width * max(length - 1, 1)

@@ -11,6 +11,9 @@ With `lookup_ngram` > 0 a step adds one more beam: the continuation of the lates
 occurrence of the sequence's last tokens (runtime/lookup.py), verified like the drafted ones.
 It may be longer than the drafted beams (`lookup_length`): they are padded to its length.
 
+`tree="search"` verifies every prefix the beam search kept (W per depth, runtime/beam_search.py)
+instead of only the W final beams: more candidates near the root, where most steps stop.
+
 Slots prefilled with a `SlotSampler` sample instead of taking the argmax: their steps walk
 the packed tree (acceptance.tree_walk), which keeps the output distribution exactly that
 of plain sampling. A batch may mix greedy and sampling slots.
@@ -32,6 +35,10 @@ from .model import Llama, causal_mask, lm_head_weight
 from .sampling import BatchSampling, SlotSampler, draw, processed_probs
 from .tree import PAD, PackedBeams, pack_beams
 
+# What a step verifies: the W final beams ("beams", as in the paper and TensorRT-LLM), or every
+# prefix the beam search kept on the way ("search": 1 + W(L-1) tokens).
+TREES = ("beams", "search")
+
 
 def step_length(length: int, lookup_ngram: int = 0, lookup_length: int = 0) -> int:
     """The longest beam of a step drafting beams of `length`: the lookup beam's may be longer."""
@@ -39,7 +46,8 @@ def step_length(length: int, lookup_ngram: int = 0, lookup_length: int = 0) -> i
 
 
 def tree_tokens(width: int, length: int, lookup_ngram: int = 0, lookup_length: int = 0) -> int:
-    """The most tokens a step verifies: `width` drafted beams of `length`, and the lookup beam."""
+    """The most tokens a step verifies: `width` drafted beams of `length` (or their search tree, which has
+    1 + width * (length - 1) tokens, no more), and the lookup beam."""
     return width * length + (step_length(length, lookup_ngram, lookup_length) if lookup_ngram else 0)
 
 
@@ -57,14 +65,14 @@ class Decoder:
     lookup_ngram > 0 adds a beam copied from each sequence's earlier tokens after a match of
     its last 1..lookup_ngram tokens (runtime/lookup.py); it needs a drafter. The lookup beam has
     max(lookup_length, L) tokens: a copied continuation is often right for many tokens, and a
-    long beam costs verified tokens only where a match exists.
+    long beam costs verified tokens only where a match exists. tree: one of TREES.
     """
 
     def __init__(self, model: Llama, drafter: DraftHead | None = None, *, max_batch: int = 1,
                  max_seq_len: int = 2048, beam_width: int = 4, beam_length: int = 4,
                  use_plugins: bool = False, draft: Callable[[Tensor, Tensor], Tensor] | None = None,
                  fused_step: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, lookup_ngram: int = 0,
-                 lookup_length: int = 0):
+                 lookup_length: int = 0, tree: str = "beams"):
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam width and length must be >= 1, got W={beam_width}, L={beam_length}")
         if lookup_ngram < 0 or (lookup_ngram and drafter is None):
@@ -73,13 +81,15 @@ class Decoder:
         if lookup_length < 0 or (lookup_length and not lookup_ngram):
             raise ValueError(f"lookup_length={lookup_length}: give 0 (the drafted beams' length) or a positive "
                              "length, with lookup_ngram > 0")
+        if tree not in TREES:
+            raise ValueError(f"tree={tree!r}: give one of {', '.join(TREES)}")
         if drafter is not None:
             check_compatible(drafter.cfg, model.cfg.vocab_size, model.cfg.hidden_size)
         self.model, self.drafter = model, drafter
         # The shared head's rows of the base LM head, gathered once (draft vocabulary).
         self._draft_lm_head = drafter.output_weight(lm_head_weight(model)) if drafter is not None else None
         self.beam_width, self.beam_length = beam_width, beam_length
-        self.lookup_ngram, self.lookup_length = lookup_ngram, lookup_length
+        self.lookup_ngram, self.lookup_length, self.tree = lookup_ngram, lookup_length, tree
         self.max_seq_len = max_seq_len
         self.max_tree_tokens = self.tree_tokens(beam_width, beam_length)
         self.cache = model.new_cache(max_batch, max_seq_len + self.max_tree_tokens)
@@ -102,7 +112,7 @@ class Decoder:
         # holds. draft: (context [B, H], first token [B]) -> beams [B, W, L]. fused_step: a whole
         # greedy step, (context, first token, cache k, cache v, slots, starts) -> emitted tokens
         # [B, L], counts [B], hidden [B, H] of the last accepted token, committing the accepted
-        # K/V in place; used when no row of the batch samples.
+        # K/V in place; used when no row of the batch samples. Both draft the decoder's `tree`.
         self.draft, self.fused_step, self._draft_shape = draft, fused_step, (beam_width, beam_length)
 
     @property
@@ -248,19 +258,20 @@ class Decoder:
         return (self.beam_width, self.beam_length) == self._draft_shape
 
     def _draft_and_pack(self, slots: Tensor) -> tuple[Tensor, PackedBeams]:
-        """Beams [B, W, L] and their packed tree; the drafted ones from the plugin ops, the engine's
-        compiled drafting program (while the beam shape is the built one) or the eager beam search.
-        With context lookup: [B, W + 1, step_length()], the drafted beams padded with PAD."""
+        """Beams [B, W, L] (the search tree: [B, W(L-1), L]) and their packed tree; the drafted ones from the
+        plugin ops, the engine's compiled drafting program (while the beam shape is the built one) or the
+        eager beam search. With context lookup one more beam, all step_length() long, padded with PAD."""
         m, head = self.model, self.drafter
         context, first = self.hidden[slots], self.next_token[slots]
-        base_head = self._draft_lm_head
+        base_head, keep = self._draft_lm_head, self.tree == "search"
         if self.use_plugins:
             beams = self.plugin_ops.draft(head, m.embed.weight, base_head, context, first,
-                                          self.beam_width, self.beam_length)
+                                          self.beam_width, self.beam_length, keep_prefixes=keep)
         elif self.draft is not None and self._built_shape():
             beams = self.draft(context, first)
         else:
-            beams, _ = beam_search(head, m.embed.weight, base_head, context, first, self.beam_width, self.beam_length)
+            beams, _ = beam_search(head, m.embed.weight, base_head, context, first, self.beam_width, self.beam_length,
+                                   keep_prefixes=keep)
         if self.lookup_ngram:
             ends = self.lengths[slots]
             history = self.history[slots, : int(ends.max()) + 1]

@@ -170,11 +170,11 @@ class Session:
              beam_length: int | None = None, *,
              beam_policy: Policy | str | None = None, dtype: torch.dtype = torch.float32,
              device: str = "cpu", prefill_token_budget: int = 8192, lookup_ngram: int = 0,
-             lookup_length: int = 0) -> "Session":
+             lookup_length: int = 0, tree: str = "beams") -> "Session":
         """A session over a base model and drafter (None: plain decoding). Beams not given take the
         device's default (scheduler.default_beam_shape: W1 L2 on a CPU, W4 L4 on a GPU).
         lookup_ngram > 0 adds a context lookup beam of max(lookup_length, L) tokens to every step's
-        drafts (Decoder).
+        drafts, and tree="search" verifies every prefix the beam search kept (Decoder).
         beam_policy: None (always beam_width x beam_length), "adaptive" (a MeasuredBeamPolicy over
         shapes up to beam_width x beam_length, plain decoding included) or a policy object."""
         from .pipeline import load
@@ -186,7 +186,7 @@ class Session:
         w, l = policy.largest_shape
         decoder = Decoder(loaded.model, loaded.drafter, max_batch=max_batch_size, max_seq_len=max_seq_len,
                           beam_width=w, beam_length=l, lookup_ngram=lookup_ngram,
-                          lookup_length=lookup_length)
+                          lookup_length=lookup_length, tree=tree)
         return cls(decoder, loaded.tokenizer, loaded.eos_ids, beam_policy=policy,
                    prefill_token_budget=prefill_token_budget)
 

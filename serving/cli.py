@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> None:
+    from redrafter.runtime.decoding import TREES
+
     what = p.add_mutually_exclusive_group()
     what.add_argument("--engine", help="engine directory built by `redrafter build`")
     what.add_argument("--base", help="serve a base model directly (HF dir, .gguf or 'default'), "
@@ -48,6 +50,9 @@ def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> No
                         "earlier in the text (default 0: off)")
     p.add_argument("--lookup-length", type=int, default=0, metavar="K",
                    help="with --lookup: the lookup beam's tokens if more than L (default 0: L)")
+    p.add_argument("--tree", default="beams", choices=list(TREES),
+                   help="with --base: what a step verifies, the W final beams (default) or every prefix the beam "
+                        "search kept (search)")
     p.add_argument("--beam-policy", default="adaptive", choices=["fixed", "adaptive"],
                    help="adaptive (default): plain decoding or beam shapes up to W x L, whichever "
                         "runs fastest at each batch size; fixed: always W x L")
@@ -61,7 +66,7 @@ def _write(args: argparse.Namespace, output: Path) -> Path:
                                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
                                 beam_width=args.beam_width, beam_length=args.beam_length,
                                 beam_policy=args.beam_policy, lookup_ngram=args.lookup,
-                                lookup_length=args.lookup_length)
+                                lookup_length=args.lookup_length, tree=args.tree)
     return write_repository(output, source, name=args.name, instances=args.instances)
 
 

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from redrafter.runtime.decoding import TREES
 from redrafter.runtime.scheduler import default_beam_shape
 
 from .protocol import INPUTS, OUTPUTS, TensorSpec
@@ -43,6 +44,7 @@ class ModelSource:
     beam_policy: str = "adaptive"
     lookup_ngram: int = 0  # base + drafter only (an engine has its own): context lookup beam, 0 = off
     lookup_length: int = 0  # the lookup beam's tokens if more than beam_length; 0: beam_length
+    tree: str = "beams"  # base + drafter only: what a step verifies (runtime.decoding.TREES)
 
     def __post_init__(self) -> None:
         if bool(self.engine) == bool(self.base):
@@ -60,6 +62,11 @@ class ModelSource:
                              "`redrafter build --lookup`): drop --lookup")
         if self.lookup_length and not self.lookup_ngram:
             raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too, or drop it")
+        if self.tree not in TREES:
+            raise ValueError(f"tree={self.tree!r} is unknown: choose one of {', '.join(TREES)}")
+        if self.tree != "beams" and (self.engine or self.drafter == "none"):
+            raise ValueError("a search tree needs --base with a drafter (an engine is built with its own "
+                             "`redrafter build --tree`): drop --tree")
         if self.engine and not (Path(self.engine) / "config.json").is_file():
             raise FileNotFoundError(f"{self.engine!r} is not an engine directory (no config.json): "
                                     "build one with `redrafter build`")
@@ -71,8 +78,9 @@ class ModelSource:
         beams = f"{self.beam_width or width}x{self.beam_length or length}"
         lookup = f", lookup {self.lookup_ngram}" if self.lookup_ngram else ""
         lookup += f" x {self.lookup_length}" if self.lookup_length else ""
+        tree = ", search tree" if self.tree == "search" else ""
         return (f"base {self.base} + drafter {self.drafter} (max_seq_len {self.max_seq_len}, "
-                f"beams {beams}{lookup}, {self.beam_policy})")
+                f"beams {beams}{tree}{lookup}, {self.beam_policy})")
 
     @classmethod
     def create(cls, engine: str | os.PathLike | None = None, base: str | os.PathLike | None = None,
@@ -103,7 +111,7 @@ class ModelSource:
                             max_batch_size=self.max_batch_size or 8, max_seq_len=self.max_seq_len,
                             beam_width=self.beam_width or None, beam_length=self.beam_length or None,
                             beam_policy=policy, lookup_ngram=self.lookup_ngram,
-                            lookup_length=self.lookup_length)
+                            lookup_length=self.lookup_length, tree=self.tree)
 
 
 def model_config(name: str, source: ModelSource, instances: int = 1) -> str:

@@ -110,7 +110,8 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert "git_commit" in m and "git_dirty" in m
     s = report["settings"]
     assert s["questions"] == 3 and s["max_new_tokens"] == 6 and s["batch_sizes"] == [1, 2]
-    assert s["configs"] == [[1, 3, 0, 0], [1, 3, 2, 5], [2, 3, 0, 0], [2, 3, 2, 5]] and s["temperature"] == 0.0
+    assert s["configs"] == [[1, 3, 0, 0, "beams"], [1, 3, 2, 5, "beams"], [2, 3, 0, 0, "beams"], [2, 3, 2, 5, "beams"]]
+    assert s["temperature"] == 0.0
     assert [p["index"] for p in report["prompts"]] == [0, 1, 2]
     assert all(p["prompt_tokens"] > 5 for p in report["prompts"])  # the chat template was applied
     # llama.cpp needs a GGUF file; this base is an HF directory.
@@ -132,7 +133,7 @@ def test_bench_writes_json_and_png(tiny_hf_dir, prompt_file, tmp_path, capsys):
             assert all(0 <= a <= 1 for a in acc)
             assert acc == sorted(acc, reverse=True)
             assert r["tokens_per_step"] == pytest.approx(1 + r["mean_accepted"])
-            assert r["lookup_ngram"] == (2 if lookup else 0)
+            assert r["lookup_ngram"] == (2 if lookup else 0) and r["tree"] == "beams"
             assert r["identical"] is True and r["mismatches"] == [] and r["agreement"] is None
         elif r["system"] == "plain":
             assert r["speedup"] == 1.0 and r["tokens_per_step"] == 1.0 and r["identical"] is True
@@ -214,6 +215,7 @@ def test_plain_only_without_a_drafter(tiny_hf_dir, prompt_file, tmp_path):
     (["--lookup-length", "0"], "must be >= 1"),
     (["--questions", "0"], "must be >= 1"),
     (["--peers", "vllm"], "unknown peer(s) ['vllm']"),
+    (["--tree", "beams,bushy"], "expected a comma-separated list of beams, search, got 'beams,bushy'"),
 ])
 def test_bad_arguments_are_rejected_by_the_parser(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -251,7 +253,7 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
             "--max-new-tokens", "4", "--batch-sizes", "2", "--peers", "hf", "--json", str(json_out)]
     assert main(args) == 0
     report = json.loads(json_out.read_text())
-    assert report["settings"]["engine"] == str(engine) and report["settings"]["configs"] == [[2, 3, 0, 0]]
+    assert report["settings"]["engine"] == str(engine) and report["settings"]["configs"] == [[2, 3, 0, 0, "beams"]]
     assert [(r["label"], r["batch_size"]) for r in report["results"]] == [
         ("plain", 2), ("redrafter W2 L3", 2), ("hf", 2)]
     assert report["identical"] is True
@@ -264,3 +266,19 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert main([*args[:-2], "--lookup", "2"]) == 2
     assert "an engine's lookup beam is chosen when it is built (`redrafter build --lookup N --lookup-length K`)" \
         in capsys.readouterr().err
+    assert main([*args[:-2], "--tree", "search"]) == 2
+    assert "an engine's tree is chosen when it is built (`redrafter build --tree search`)" in capsys.readouterr().err
+
+
+def test_bench_measures_the_final_beams_and_the_search_tree_side_by_side(tiny_hf_dir, prompt_file, tmp_path,
+                                                                        capsys):
+    rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "8", "--beam-width", "3",
+                     "--beam-length", "4", "--tree", "beams,search", "--peers", "none"))
+    assert rc == 0
+    assert "redrafter W3 L4 search-tree" in capsys.readouterr().out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["settings"]["configs"] == [[3, 4, 0, 0, "beams"], [3, 4, 0, 0, "search"]]
+    by_label = {r["label"]: r for r in report["results"]}
+    assert set(by_label) == {"plain", "redrafter W3 L4", "redrafter W3 L4 search-tree"}
+    assert by_label["redrafter W3 L4"]["tree"] == "beams" and by_label["redrafter W3 L4 search-tree"]["tree"] == "search"
+    assert report["identical"] is True

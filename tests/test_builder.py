@@ -35,14 +35,14 @@ def build(tiny_hf_dir, tmp_path_factory):
     built: dict[tuple[str, str], Path] = {}
 
     def get(backend: str, quantize: str = "none", plugin_ops: bool = False, dtype: str = "float32",
-            exact_attention: bool = False, lookup_ngram: int = 0, lookup_length: int = 0) -> Path:
-        key = (backend, quantize, plugin_ops, dtype, exact_attention, lookup_ngram, lookup_length)
+            exact_attention: bool = False, lookup_ngram: int = 0, lookup_length: int = 0, tree: str = "beams") -> Path:
+        key = (backend, quantize, plugin_ops, dtype, exact_attention, lookup_ngram, lookup_length, tree)
         if key not in built:
             built[key] = build_engine(BuildOptions(
                 output=root / "-".join(map(str, key)), base=base, drafter=drafter,
                 backend=backend, quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2,
                 max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, exact_attention=exact_attention,
-                lookup_ngram=lookup_ngram, lookup_length=lookup_length, progress=False))
+                lookup_ngram=lookup_ngram, lookup_length=lookup_length, tree=tree, progress=False))
         return built[key]
 
     return get
@@ -107,6 +107,24 @@ def test_an_aoti_engine_with_a_lookup_beam_decodes_like_eager(build):
     assert e.options.cache_capacity == MAX_SEQ_LEN + 3 * 4 + 6
     eager = greedy(build("eager"))
     assert greedy(path) == eager == greedy(path, speculative=False) == greedy(path, fused_step=True)
+
+
+def test_an_aoti_engine_verifying_the_search_tree_decodes_like_eager(build):
+    """Built with --tree search, the draft and step programs draft every prefix the beam search
+    kept; the step verifies its 1 + W(L-1) tokens in the cache's W*L scratch. Outputs stay plain
+    decoding's, and the engine accepts more per step than with its final beams alone."""
+    path = build("aoti", tree="search")
+    e = load_engine(path)
+    assert e.options.tree == "search" and e.decoder().tree == "search"
+    assert e.options.cache_capacity == MAX_SEQ_LEN + 3 * 4
+    eager = greedy(build("eager"))
+    assert greedy(path) == eager == greedy(path, fused_step=True)
+    prompts = [e.encode_chat(p) for p in PROMPTS]
+    ctx, first = torch.randn(2, e.model.cfg.hidden_size), torch.tensor([5, 7])
+    assert e.programs().draft(ctx, first).shape == (2, 3 * 3, 4)  # W beams kept at each of L-1 depths
+    steps = {tree: sum(g.steps for g in generate(load_engine(build("aoti", tree=tree)).decoder(fused_step=True),
+                                                 prompts, 24, e.eos_ids)) for tree in ("beams", "search")}
+    assert steps["search"] <= steps["beams"]
 
 
 def test_aoti_draft_program_can_call_the_beam_draft_plugin_op(build, monkeypatch):
@@ -617,6 +635,8 @@ def test_beams_default_by_device_and_explicit_values_stay():
     assert BuildOptions(output="x", beam_width=3).beam_width == 3
     with pytest.raises(ValueError, match="beam_width"):
         BuildOptions(output="x", beam_width=0).validate()
+    with pytest.raises(ValueError, match="unknown tree 'bushy': choose one of beams, search"):
+        BuildOptions(output="x", tree="bushy").validate()
 
 
 def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
@@ -632,6 +652,9 @@ def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
     assert (e.options.beam_width, e.options.beam_length) == (1, 2)  # the CPU's default beam shape
     assert e.options.lookup_ngram == 2 and e.decoder().lookup_ngram == 2
     assert e.options.lookup_length == 5 and e.decoder().step_length() == 5
+    assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(tmp_path / "t"),
+                 "--backend", "eager", "--tree", "search", "--max-seq-len", "32", "--no-progress"]) == 0
+    assert load_engine(tmp_path / "t").decoder().tree == "search"
     assert main(["build", "--base", str(base), "--output", str(tmp_path / "k"), "--lookup-length", "5",
                  "--no-progress"]) == 2
     assert "lookup_length must be >= 0 (0: the beam length), with lookup_ngram > 0" in capsys.readouterr().err

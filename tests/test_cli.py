@@ -13,15 +13,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "redrafter.cli", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("lookup", [[], ["--lookup", "3"], ["--lookup", "3", "--lookup-length", "6"]],
-                         ids=["drafter", "drafter+lookup", "drafter+longer-lookup"])
+@pytest.mark.parametrize("lookup", [[], ["--lookup", "3"], ["--lookup", "3", "--lookup-length", "6"], ["--tree", "search"]],
+                         ids=["drafter", "drafter+lookup", "drafter+longer-lookup", "drafter-search-tree"])
 def test_generate_json_matches_no_spec(tiny_hf_dir, capsys, lookup):
     base, drafter = tiny_hf_dir
     args = ["generate", "--prompt", "Hello there", "--max-new-tokens", "12", "--base", str(base), "--json"]
     assert main(args + ["--drafter", str(drafter), "--beam-width", "3", "--beam-length", "3", *lookup]) == 0
     spec = json.loads(capsys.readouterr().out)
-    assert spec["lookup_ngram"] == (3 if lookup else 0) and spec["speculative"]
-    assert spec["lookup_length"] == (int(lookup[-1]) if "--lookup-length" in lookup else 3 if lookup else 0)
+    looked = "--lookup" in lookup
+    assert spec["lookup_ngram"] == (3 if looked else 0) and spec["speculative"]
+    assert spec["lookup_length"] == (int(lookup[-1]) if "--lookup-length" in lookup else 3 if looked else 0)
+    assert spec["tree"] == ("search" if "--tree" in lookup else "beams")
     assert main(args + ["--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
     for key in ("text", "token_ids", "tokens", "steps", "tokens_per_step", "tok_per_s"):
@@ -36,6 +38,8 @@ def test_a_lookup_beam_without_a_drafter_is_refused(capsys):
     assert "--lookup adds a beam to the drafter's: drop --no-spec or --lookup" in capsys.readouterr().err
     assert main(["generate", "--prompt", "Hi", "--lookup-length", "8"]) == 2
     assert "--lookup-length sets the lookup beam's length: give --lookup N too" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "Hi", "--no-spec", "--tree", "search"]) == 2
+    assert "--tree chooses what the drafter's beam search verifies: drop --no-spec or --tree" in capsys.readouterr().err
 
 
 def test_sampled_generation_is_the_same_with_and_without_drafting(tiny_hf_dir, capsys):
@@ -120,6 +124,7 @@ def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, 
     plain = json.loads(capsys.readouterr().out)
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["speculative"] and (spec["beam_width"], spec["beam_length"]) == (2, 3)
-    assert main(args + ["--engine", str(engine), "--base", str(base), "--beam-width", "4", "--lookup", "2"]) == 2
-    assert "--engine fixes the base model, drafter, beam shape, lookup and max_seq_len it was built with: drop " \
-           "--base, --beam-width, --lookup" in capsys.readouterr().err
+    assert main(args + ["--engine", str(engine), "--base", str(base), "--beam-width", "4", "--lookup", "2",
+                        "--tree", "search"]) == 2
+    assert "--engine fixes the base model, drafter, beam shape, lookup, tree and max_seq_len it was built with: drop " \
+           "--base, --beam-width, --lookup, --tree" in capsys.readouterr().err

@@ -25,6 +25,19 @@ def test_random_drafter_is_lossless(tiny_model, width, length, head, draft_vocab
     assert [g.token_ids for g in got] == ref
 
 
+@pytest.mark.parametrize("width,length,head,lookup,lookup_length", [
+    (1, 4, "own", 0, 0), (2, 3, "shared", 0, 0), (4, 5, "own", 0, 0), (8, 4, "shared", 0, 0), (3, 3, "own", 2, 0),
+    (2, 3, "shared", 2, 7)])
+def test_verifying_the_search_tree_is_lossless(tiny_model, width, length, head, lookup, lookup_length):
+    d = tiny_drafter(tiny_model, head=head)
+    ref = plain(tiny_model, PROMPTS, 30)
+    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, beam_width=width, beam_length=length,
+                  lookup_ngram=lookup, lookup_length=lookup_length, tree="search")
+    assert [g.token_ids for g in generate(dec, PROMPTS, 30)] == ref
+    with pytest.raises(ValueError, match="tree='bushy': give one of beams, search"):
+        Decoder(tiny_model, d, tree="bushy")
+
+
 @pytest.mark.parametrize("width,length,lookup,lookup_length", [(1, 4, 3, 0), (3, 3, 2, 0), (2, 5, 1, 0),
                                                                  (1, 2, 3, 8), (3, 3, 2, 6)])
 def test_context_lookup_is_lossless(tiny_model, width, length, lookup, lookup_length):
@@ -58,7 +71,8 @@ def test_a_right_lookup_beam_is_accepted_when_every_drafted_beam_is_wrong(monkey
             rows.append((ref[slot][emitted:] + [0] * longest)[:longest])
         return torch.tensor(rows)
 
-    def wrong_beams(head, embed, base_lm_head, context, first_token, width, length, return_log_probs=False):
+    def wrong_beams(head, embed, base_lm_head, context, first_token, width, length, return_log_probs=False,
+                    keep_prefixes=False):
         beams = truth()[:, :length]
         beams[:, 1:] = (beams[:, 1:] + 1) % vocab
         return beams[:, None].repeat(1, width, 1), None
@@ -87,7 +101,8 @@ class OracleBeams:
 
         decoder.step = tracked_step
 
-    def __call__(self, head, embed, base_lm_head, context, first_token, width, length, return_log_probs=False):
+    def __call__(self, head, embed, base_lm_head, context, first_token, width, length, return_log_probs=False,
+                 keep_prefixes=False):
         vocab = embed.shape[0]
         beams = torch.empty(len(self.slots), width, length, dtype=torch.long)
         for row, slot in enumerate(self.slots):
@@ -188,3 +203,22 @@ def test_smollm2_with_context_lookup_is_lossless_and_takes_fewer_steps(smollm2, 
         steps[lookup, lookup_length] = sum(g.steps for g in got)
     assert steps[3, 0] < 0.95 * steps[0, 0]
     assert steps[3, 16] < steps[3, 0]
+
+
+@pytest.mark.slow
+def test_smollm2_search_tree_is_lossless_and_takes_fewer_steps_than_its_final_beams(smollm2, mtbench_prompts):
+    """The prefixes beam search pruned on the way are often the right ones: verifying them too
+    (1 + W(L-1) tokens) saves steps over the W final beams, and the output stays plain greedy's."""
+    from redrafter.runtime.drafter import load_drafter
+    from redrafter.runtime.pipeline import default_drafter_dir
+
+    m, drafter = smollm2.model, load_drafter(default_drafter_dir())
+    prompts = [smollm2.encode_chat(p) for p in mtbench_prompts]
+    ref = [g.token_ids for g in generate(Decoder(m, None, max_batch=4, max_seq_len=512), prompts, 64, smollm2.eos_ids)]
+    steps = {}
+    for tree in ("beams", "search"):
+        dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=4, beam_length=4, tree=tree)
+        got = generate(dec, prompts, 64, smollm2.eos_ids)
+        assert [g.token_ids for g in got] == ref
+        steps[tree] = sum(g.steps for g in got)
+    assert steps["search"] < 0.95 * steps["beams"]

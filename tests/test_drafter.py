@@ -113,6 +113,28 @@ def test_beam_search_keeps_the_best_beams():
     assert torch.allclose(logp[0, :, 0], step1.expand(5, -1))
 
 
+def test_the_search_tree_holds_the_prefixes_beam_search_kept_at_every_depth():
+    """Beam search to length L keeps W prefixes at each depth; they are the final beams of the same
+    search stopped there. keep_prefixes returns them all (final beams first), PAD-ended, and they
+    pack into 1 + W(L-1) distinct tokens."""
+    from redrafter.runtime.beam_search import search_tree_beams
+    from redrafter.runtime.tree import PAD, pack_beams
+
+    model = tiny_llama()
+    d = tiny_drafter(model)
+    h, first, w, length = torch.randn(3, 64), torch.tensor([4, 9, 11]), 4, 5
+    tree, _ = beam_search(d, model.embed.weight, None, h, first, w, length, keep_prefixes=True)
+    assert tree.shape == (3, search_tree_beams(w, length), length) == (3, 16, 5)
+    for i, depth in enumerate(range(length - 1, 0, -1)):
+        stopped, _ = beam_search(d, model.embed.weight, None, h, first, w, depth + 1)
+        assert torch.equal(tree[:, i * w:(i + 1) * w, :depth + 1], stopped)
+        assert (tree[:, i * w:(i + 1) * w, depth + 1:] == PAD).all()
+    assert pack_beams(tree).n_tokens.tolist() == [1 + w * (length - 1)] * 3
+    assert pack_beams(tree[:, :w]).n_tokens.max() < 1 + w * (length - 1)  # the final beams share prefixes
+    with pytest.raises(ValueError, match="without log-probs"):
+        beam_search(d, model.embed.weight, None, h, first, w, length, return_log_probs=True, keep_prefixes=True)
+
+
 def test_first_step_expands_only_the_guaranteed_token():
     model = tiny_llama()
     d = tiny_drafter(model)

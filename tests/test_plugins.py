@@ -56,6 +56,9 @@ def test_beam_draft_op_is_the_runtime_beam_search(head, rnn, draft_vocab_size):
     beams = ops.draft(drafter, model.embed.weight, lm_head, context, first, 4, 3)
     ref, _ = beam_search(drafter, model.embed.weight, lm_head, context, first, 4, 3)
     assert beams.shape == (3, 4, 3) and torch.equal(beams, ref)
+    tree = ops.draft(drafter, model.embed.weight, lm_head, context, first, 4, 3, keep_prefixes=True)
+    ref_tree, _ = beam_search(drafter, model.embed.weight, lm_head, context, first, 4, 3, keep_prefixes=True)
+    assert tree.shape == (3, 8, 3) and torch.equal(tree, ref_tree)
     assert len({tuple(b) for b in beams[0].tolist()}) == 4  # distinct beams, all from the guaranteed token
     assert (beams[:, :, 0] == first[:, None]).all()
     if draft_vocab_size:  # drafted tokens are vocabulary ids from the draft vocabulary, not its row numbers
@@ -179,17 +182,18 @@ def test_torch_compile_captures_the_ops_in_one_graph():
 PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43], [2, 71]]
 
 
-@pytest.mark.parametrize("head,draft_vocab_size,lookup,lookup_length", [
-    ("own", 0, 0, 0), ("shared", 0, 0, 0), ("own", 40, 0, 0), ("shared", 40, 0, 0), ("shared", 40, 2, 0),
-    ("shared", 40, 2, 7)])
-def test_greedy_redrafter_is_lossless_with_plugins_on_and_off(head, draft_vocab_size, lookup, lookup_length):
+@pytest.mark.parametrize("head,draft_vocab_size,lookup,lookup_length,tree", [
+    ("own", 0, 0, 0, "beams"), ("shared", 0, 0, 0, "beams"), ("own", 40, 0, 0, "beams"), ("shared", 40, 0, 0, "beams"),
+    ("shared", 40, 2, 0, "beams"), ("shared", 40, 2, 7, "beams"), ("shared", 40, 0, 0, "search"),
+    ("own", 0, 2, 7, "search")])
+def test_greedy_redrafter_is_lossless_with_plugins_on_and_off(head, draft_vocab_size, lookup, lookup_length, tree):
     model = tiny_llama(tied=head == "shared")
     drafter = tiny_drafter(model, head=head, draft_vocab_size=draft_vocab_size)
     plain = generate(Decoder(model, None, max_batch=3, max_seq_len=64), PROMPTS, 20)
     off = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4,
-                           lookup_ngram=lookup, lookup_length=lookup_length), PROMPTS, 20)
+                           lookup_ngram=lookup, lookup_length=lookup_length, tree=tree), PROMPTS, 20)
     on = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4,
-                          use_plugins=True, lookup_ngram=lookup, lookup_length=lookup_length), PROMPTS, 20)
+                          use_plugins=True, lookup_ngram=lookup, lookup_length=lookup_length, tree=tree), PROMPTS, 20)
     for p, a, b in zip(plain, off, on):
         assert a.token_ids == p.token_ids == b.token_ids
         assert a.accepted_per_step == b.accepted_per_step  # same drafts, same acceptance

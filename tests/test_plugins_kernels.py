@@ -127,6 +127,9 @@ def test_beam_draft_kernel_fp32_selects_the_same_beams(head, rnn, width, length,
     got = kernels.beam_draft(context, first, embed, **weights, width=width, length=length)
     want = REF["beam_draft"](context, first, embed, **weights, width=width, length=length)
     assert got.shape == (2, width, length) and torch.equal(got, want)
+    tree = kernels.beam_draft(context, first, embed, **weights, width=width, length=length, keep_prefixes=True)
+    want_tree = REF["beam_draft"](context, first, embed, **weights, width=width, length=length, keep_prefixes=True)
+    assert tree.shape == (2, width * max(length - 1, 1), length) and torch.equal(tree, want_tree)
     if draft_vocab_size:  # vocabulary ids, mapped from the head's output rows
         assert torch.isin(got[:, :, 1:], drafter.draft_vocab).all() and (got[:, :, 1:] >= draft_vocab_size).any()
 
@@ -209,7 +212,7 @@ def test_decoder_with_triton_kernels_commits_accepted_drafts(kernels_on_cpu, mon
     dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, beam_width=3, beam_length=4,
                   use_plugins=True)
     oracle = OracleBeams(dec, PROMPTS, ref)
-    monkeypatch.setattr(ops, "draft", lambda *a: oracle(*a)[0])
+    monkeypatch.setattr(ops, "draft", lambda *a, **kw: oracle(*a, **kw)[0])
     got = generate(dec, PROMPTS, 14)
     assert [g.token_ids for g in got] == ref
     accepted = [a for g in got for a in g.accepted_per_step]

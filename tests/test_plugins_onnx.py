@@ -12,6 +12,7 @@ from conftest import tiny_drafter, tiny_llama
 from redrafter.plugins import ops
 from redrafter.plugins import onnx as ronnx
 from redrafter.runtime.drafter import DraftHead, DrafterConfig
+from redrafter.runtime.tree import PAD
 from test_plugins import _Verify, _verify_inputs
 
 
@@ -31,7 +32,7 @@ def test_export_maps_each_op_to_one_checked_custom_node(tmp_path):
     attrs = {n.op_type: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in custom}
     assert attrs["BeamDraft"] == {
         "width": 3, "length": 2, "rnn": 1, "input_proj": 0, "shared": 0, "draft_vocab": 0, "num_draft_layers": 2,
-        "plugin_namespace": b"redrafter", "plugin_version": b"2"}
+        "keep_prefixes": 0, "plugin_namespace": b"redrafter", "plugin_version": b"2"}
     draft = next(n for n in custom if n.op_type == "BeamDraft")
     assert attrs["PackBeams"] == {"plugin_namespace": b"redrafter", "plugin_version": b"2"}
     assert list(draft.input) == ["context", "first", "embed", "rnn_w", "rnn_u_w", "rnn_u_b", "out_w",
@@ -51,15 +52,19 @@ def test_onnx_runtime_runs_the_exported_graph_like_pytorch():
 
 class _SharedDraft(torch.nn.Module):
     """A shared-head, rnn=False drafter with an input projection (and a draft vocabulary if
-    given): the other BeamDraft layouts."""
+    given): the other BeamDraft layouts; keep_prefixes: the search tree's beams."""
+
+    def __init__(self, keep_prefixes: bool = False):
+        super().__init__()
+        self.keep_prefixes = keep_prefixes
 
     def forward(self, context, first, embed, ip_w, ip_b, r0w, r0b, out_w, lm_head, draft_vocab=None):
         return torch.ops.redrafter.beam_draft(context, first, embed, None, None, None, ip_w, ip_b,
-                                              [r0w], [r0b], out_w, lm_head, draft_vocab, 4, 3)
+                                              [r0w], [r0b], out_w, lm_head, draft_vocab, 4, 3, self.keep_prefixes)
 
 
-@pytest.mark.parametrize("draft_vocab_size", [0, 40])
-def test_beam_draft_layout_flags_round_trip_through_onnx_runtime(draft_vocab_size):
+@pytest.mark.parametrize("draft_vocab_size,keep_prefixes", [(0, False), (40, False), (40, True)])
+def test_beam_draft_layout_flags_round_trip_through_onnx_runtime(draft_vocab_size, keep_prefixes):
     model = tiny_llama()  # untied: the exporter would name a tied embed / LM head input once
     torch.manual_seed(0)
     vocab = torch.randperm(97)[:draft_vocab_size].sort().values if draft_vocab_size else None
@@ -71,18 +76,18 @@ def test_beam_draft_layout_flags_round_trip_through_onnx_runtime(draft_vocab_siz
     inputs = (torch.randn(2, 64), torch.tensor([4, 8]), model.embed.weight, w["input_proj_weight"],
               w["input_proj_bias"], w["res_weights"][0], w["res_biases"][0], w["out_weight"], lm_head,
               *([vocab] if draft_vocab_size else []))
-    exported = ronnx.export(_SharedDraft(), inputs)
+    exported = ronnx.export(_SharedDraft(keep_prefixes), inputs)
     onnx.checker.check_model(exported, full_check=True)
     node = next(n for n in exported.graph.node if n.op_type == "BeamDraft")
     flags = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    assert (flags["rnn"], flags["input_proj"], flags["shared"], flags["draft_vocab"], flags["num_draft_layers"]) == (
-        0, 1, 1, int(draft_vocab_size > 0), 1)
+    assert (flags["rnn"], flags["input_proj"], flags["shared"], flags["draft_vocab"], flags["num_draft_layers"],
+            flags["keep_prefixes"]) == (0, 1, 1, int(draft_vocab_size > 0), 1, int(keep_prefixes))
     assert list(node.input) == ["context", "first", "embed", "ip_w", "ip_b", "out_w", "lm_head",
                                 *(["draft_vocab"] if draft_vocab_size else []), "r0w", "r0b"]
-    (got,), want = _run_both(_SharedDraft(), inputs, exported)
-    assert np.array_equal(got, want.numpy()) and got.shape == (2, 4, 3)
+    (got,), want = _run_both(_SharedDraft(keep_prefixes), inputs, exported)
+    assert np.array_equal(got, want.numpy()) and got.shape == (2, 8 if keep_prefixes else 4, 3)
     if draft_vocab_size:
-        assert np.isin(got[:, :, 1:], vocab.numpy()).all()
+        assert np.isin(got[:, :, 1:], [*vocab.tolist(), PAD]).all()
 
 
 def test_beam_draft_flat_inputs_are_checked():

@@ -158,15 +158,17 @@ def _sample(decoder: Decoder, seeds: list[int], n_tokens: int, **filters) -> lis
 
 
 @pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])
-@pytest.mark.parametrize("shape", [(3, 4, 0, 0), (8, 3, 0, 0), (2, 6, 0, 0), (1, 5, 3, 0), (2, 2, 3, 7)],
+@pytest.mark.parametrize("shape", [(3, 4, 0, 0, "beams"), (8, 3, 0, 0, "beams"), (2, 6, 0, 0, "beams"),
+                                   (1, 5, 3, 0, "beams"), (2, 2, 3, 7, "beams"), (3, 4, 0, 0, "search"),
+                                   (2, 3, 3, 6, "search")],
                          ids=lambda s: f"W{s[0]}L{s[1]}" + (f"+lookup{s[2]}" if s[2] else "")
-                         + (f"L{s[3]}" if s[3] else ""))
+                         + (f"L{s[3]}" if s[3] else "") + ("-search" if s[4] == "search" else ""))
 def test_seeded_redrafter_sampling_equals_seeded_plain_sampling(small_vocab, shape, filters):
     model, drafter = small_vocab
     seeds = list(range(64))
     plain = _sample(Decoder(model, None, max_batch=64, max_seq_len=32), seeds, 16, **filters)
     spec_decoder = Decoder(model, drafter, max_batch=64, max_seq_len=32, beam_width=shape[0], beam_length=shape[1],
-                           lookup_ngram=shape[2], lookup_length=shape[3])
+                           lookup_ngram=shape[2], lookup_length=shape[3], tree=shape[4])
     spec = _sample(spec_decoder, seeds, 16, **filters)
     assert spec == plain
     assert len({tuple(s) for s in spec}) > 32  # the seeds really give different samples
@@ -283,6 +285,19 @@ def test_sampling_with_a_lookup_beam_matches_the_exact_distribution(small_vocab,
     assert {2, 3} <= set(emitted)
     p = _g_test(_histogram(out, 3), _exact_joint(model, filters))
     assert p > 1e-3, f"samples with a lookup beam do not fit the exact distribution (p={p:.2e})"
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])
+def test_sampling_over_the_search_tree_matches_the_exact_distribution(small_vocab, filters):
+    """W=3, L=4 verifying every prefix the beam search kept: the walk may now leave the final
+    beams for a pruned prefix (a PAD-ended beam) and must stop at its end."""
+    model, drafter = small_vocab
+    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, beam_width=3, beam_length=4, tree="search")
+    slots, first = _prefill(dec, filters)
+    out, emitted = _first_three(dec, slots, first)
+    assert {1, 2, 3} <= set(emitted)
+    p = _g_test(_histogram(out, 3), _exact_joint(model, filters))
+    assert p > 1e-3, f"samples over the search tree do not fit the exact distribution (p={p:.2e})"
 
 
 @pytest.mark.parametrize("filters", FILTERS, ids=["t0.9", "t1.3-k5-p0.9"])

@@ -140,6 +140,8 @@ def test_model_config_is_a_valid_triton_config(tmp_path):
     (dict(base="b", lookup_ngram=-2), ValueError, "lookup_ngram=-2"),
     (dict(base="b", drafter="none", lookup_ngram=3), ValueError, "a lookup beam needs --base with a drafter"),
     (dict(base="b", lookup_length=8), ValueError, "--lookup-length sets the lookup beam's length"),
+    (dict(base="b", tree="bushy"), ValueError, "tree='bushy' is unknown: choose one of beams, search"),
+    (dict(base="b", drafter="none", tree="search"), ValueError, "a search tree needs --base with a drafter"),
 ])
 def test_model_source_validation(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -149,12 +151,12 @@ def test_model_source_validation(kwargs, error, message):
 def test_base_and_drafter_source_opens_a_session_with_its_options(tiny_hf_dir):
     base, drafter = tiny_hf_dir
     source = ModelSource.create(base=base, drafter=drafter, max_batch_size=3, max_seq_len=64, beam_width=2,
-                                beam_length=3, lookup_ngram=3, lookup_length=5)
+                                beam_length=3, lookup_ngram=3, lookup_length=5, tree="search")
     assert ModelSource.from_parameters(source.parameters()) == source  # what the Triton model reads back
     with source.open_session() as s:
         assert (s.max_batch_size, s.max_seq_len) == (3, 64)
         assert (s.decoder.beam_width, s.decoder.beam_length, s.decoder.speculative) == (2, 3, True)
-        assert s.decoder.lookup_ngram == 3 and s.decoder.step_length() == 5
+        assert s.decoder.lookup_ngram == 3 and s.decoder.step_length() == 5 and s.decoder.tree == "search"
     with ModelSource.create(base=base, drafter="none").open_session() as s:
         assert s.max_batch_size == 8 and not s.decoder.speculative
 

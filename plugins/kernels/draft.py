@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ...runtime.beam_search import _DEAD
+from ...runtime.tree import PAD
 
 
 @triton.jit
@@ -172,8 +173,10 @@ def beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
                rnn_w: Tensor | None, rnn_u_weight: Tensor | None, rnn_u_bias: Tensor | None,
                input_proj_weight: Tensor | None, input_proj_bias: Tensor | None,
                res_weights: list[Tensor], res_biases: list[Tensor], out_weight: Tensor,
-               base_lm_head: Tensor | None, draft_vocab: Tensor | None, width: int, length: int) -> Tensor:
-    """Same contract as redrafter::beam_draft (see plugins.ops); beams [B, W, L]."""
+               base_lm_head: Tensor | None, draft_vocab: Tensor | None, width: int, length: int,
+               keep_prefixes: bool = False) -> Tensor:
+    """Same contract as redrafter::beam_draft (see plugins.ops); beams [B, W, L], or with keep_prefixes
+    the W final beams and then the W prefixes kept at each shorter depth, PAD-ended."""
     b, hid = context.shape
     w = width
     rows = b * w
@@ -185,7 +188,10 @@ def beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
     tokens = beams.view(rows)
     state_rows = torch.arange(rows, device=dev)  # parent row of each beam's state
     ctx = context.repeat_interleave(w, dim=0)  # [B*W, H]
+    kept = []
     for _ in range(length - 1):
+        if keep_prefixes and beams.shape[2] > 1:
+            kept.append(beams)
         if rnn_w is not None:
             state = fused_linear(embed, rnn_w, rnn_u_bias, x_rows=tokens, x2=state, w2=rnn_u_weight,
                                  x2_rows=state_rows, silu=True)
@@ -214,4 +220,5 @@ def beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
         beams = torch.cat((beams.gather(1, parent[:, :, None].expand_as(beams)), new_tok[:, :, None]), dim=2)
         state_rows = (parent + torch.arange(b, device=dev)[:, None] * w).view(rows)
         tokens = new_tok.reshape(rows)
-    return beams
+    pad = [torch.nn.functional.pad(k, (0, length - k.shape[2]), value=PAD) for k in kept[::-1]]
+    return torch.cat((beams, *pad), dim=1) if pad else beams

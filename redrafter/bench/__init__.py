@@ -38,6 +38,15 @@ def _peer_list(text: str) -> list[str]:
     return peers
 
 
+def _tree_list(text: str) -> list[str]:
+    from redrafter.runtime.decoding import TREES
+
+    trees = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not trees or set(trees) - set(TREES):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(TREES)}, got {text!r}")
+    return trees
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="measure ReDrafter against plain decoding and peers (speed, acceptance, identical outputs)",
@@ -60,6 +69,9 @@ def register(subparsers) -> None:
                         "sequence (0 = off, the default); every (W, L) pair is measured with each N")
     p.add_argument("--lookup-length", type=positive_int, default=None, metavar="K",
                    help="with --lookup: the lookup beam's tokens if more than L (default: L)")
+    p.add_argument("--tree", type=_tree_list, default=None, metavar="beams,search",
+                   help="what a step verifies: the W final beams (beams, the default) or every prefix the beam "
+                        "search kept (search: 1 + W(L-1) tokens); each is measured")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples through the serving Session, seeded per prompt")
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
@@ -105,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if len(texts) < args.questions:
         notes.append(f"{args.dataset} has {len(texts)} prompts; --questions {args.questions} asked for more")
     target = open_target(args.engine, args.base, args.drafter, args.beam_width, args.beam_length, args.lookup,
-                         args.lookup_length or 0, args.batch_sizes, args.device)
+                         args.lookup_length or 0, args.batch_sizes, args.device, args.tree)
     prompts = [target.encode_chat(t) for t in texts]
     load_before = report.load_average()
     results, reference = measure(target, prompts, args.max_new_tokens, args.batch_sizes, args.peers, args.base,
@@ -222,7 +234,7 @@ def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tu
         plain = figures([r for _, r in runs[("plain", b)]], 0)
         entry = {"system": system.name, "label": label, "batch_size": b, "beam_width": system.beam_width,
                  "beam_length": system.beam_length, "lookup_ngram": system.lookup_ngram,
-                 "step_length": system.step_length, **fig,
+                 "step_length": system.step_length, "tree": system.tree, **fig,
                  "speedup": fig["tok_per_s"] / plain["tok_per_s"],
                  "decode_speedup": (fig["decode_tok_per_s"] / plain["decode_tok_per_s"]
                                     if fig["decode_tok_per_s"] and plain["decode_tok_per_s"] else None),

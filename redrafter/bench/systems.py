@@ -37,6 +37,7 @@ class System(ABC):
     beam_length: int | None = None
     lookup_ngram: int | None = None
     step_length: int | None = None  # the longest beam (the lookup beam may be longer than L)
+    tree: str | None = None  # what a step verifies (runtime.decoding.TREES)
 
     @property
     def label(self) -> str:
@@ -45,7 +46,8 @@ class System(ABC):
         lookup = f" +lookup{self.lookup_ngram}" if self.lookup_ngram else ""
         if self.lookup_ngram and self.step_length > self.beam_length:
             lookup += f" L{self.step_length}"
-        return f"redrafter W{self.beam_width} L{self.beam_length}{lookup}"
+        tree = " search-tree" if self.tree == "search" else ""
+        return f"redrafter W{self.beam_width} L{self.beam_length}{tree}{lookup}"
 
     @abstractmethod
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
@@ -56,10 +58,10 @@ class System(ABC):
 
 
 def _shape(decoder: Decoder) -> tuple[int | None, ...]:
-    """(W, L, lookup n-gram, longest beam) of a ReDrafter decoder; Nones for plain decoding."""
+    """(W, L, lookup n-gram, longest beam, tree) of a ReDrafter decoder; Nones for plain decoding."""
     if not decoder.speculative:
-        return (None,) * 4
-    return decoder.beam_width, decoder.beam_length, decoder.lookup_ngram, decoder.step_length()
+        return (None,) * 5
+    return decoder.beam_width, decoder.beam_length, decoder.lookup_ngram, decoder.step_length(), decoder.tree
 
 
 class OursSystem(System):

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from redrafter.runtime.decoding import Decoder
 
-Config = tuple[int, int, int, int]  # (beam width W, beam length L, context lookup n-gram or 0, its beam's length or 0)
+# (beam width W, beam length L, context lookup n-gram or 0, its beam's length or 0, tree: runtime.decoding.TREES)
+Config = tuple[int, int, int, int, str]
 
 
 @dataclass
@@ -28,13 +29,16 @@ class Target:
 
 def open_target(engine: str | None, base: str | None, drafter: str | None, widths: list[int] | None,
                 lengths: list[int] | None, lookups: list[int], lookup_length: int, batch_sizes: list[int],
-                device: str | None) -> Target:
+                device: str | None, trees: list[str] | None = None) -> Target:
     if engine:
         if drafter:
             raise ValueError("--engine brings its own drafter: drop --drafter (or bench --base/--drafter instead)")
         if any(lookups) or lookup_length:
             raise ValueError("an engine's lookup beam is chosen when it is built (`redrafter build --lookup N "
                              "--lookup-length K`): drop --lookup/--lookup-length, or bench --base/--drafter")
+        if trees:
+            raise ValueError("an engine's tree is chosen when it is built (`redrafter build --tree search`): drop "
+                             "--tree, or bench --base/--drafter")
         return _engine_target(engine, base, widths, lengths, batch_sizes, device)
     if lookup_length and not any(lookups):
         raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too")
@@ -45,13 +49,13 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, width
         raise FileNotFoundError(f"the shipped drafter {str(default_drafter_dir())!r} does not exist yet: "
                                 "pass --drafter DIR, or --drafter none to measure plain decoding and peers only")
     loaded = load(base or "default", drafter, device=device or "cpu")
-    configs = ([(w, l, n, lookup_length if n else 0) for w in widths or [4] for l in lengths or [4] for n in lookups]
-               if loaded.drafter else [])
+    configs = ([(w, l, n, lookup_length if n else 0, t) for w in widths or [4] for l in lengths or [4]
+                for n in lookups for t in trees or ["beams"]] if loaded.drafter else [])
 
     def new_decoder(batch: int, config: Config | None, max_seq_len: int) -> Decoder:
-        w, l, n, k = config or (1, 1, 0, 0)
+        w, l, n, k, tree = config or (1, 1, 0, 0, "beams")
         return Decoder(loaded.model, loaded.drafter if config else None, max_batch=batch, max_seq_len=max_seq_len,
-                       beam_width=w, beam_length=l, lookup_ngram=n, lookup_length=k)
+                       beam_width=w, beam_length=l, lookup_ngram=n, lookup_length=k, tree=tree)
 
     settings = {"engine": None, "base": base or "default", "base_dir": str(loaded.base_dir), "drafter": drafter,
                 "drafter_config": asdict(loaded.drafter.cfg) if loaded.drafter else None,
@@ -83,6 +87,6 @@ def _engine_target(path: str, base: str | None, widths: list[int] | None, length
     settings = {"engine": str(path), "base": base or "default", "drafter": "engine" if engine.drafter else None,
                 "drafter_config": engine.config.get("drafter"), "engine_build": engine.config["build"],
                 "dtype": o.dtype, "device": str(engine.model.embed.weight.device)}
-    configs = [(*built, o.lookup_ngram, o.lookup_length)] if engine.drafter else []
+    configs = [(*built, o.lookup_ngram, o.lookup_length, o.tree)] if engine.drafter else []
     return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, configs,
                   new_decoder, resolve_base(base or "default"), engine.model.embed.weight.device, settings)
