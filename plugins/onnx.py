@@ -33,7 +33,7 @@ from . import ops
 
 DOMAIN = "redrafter"
 VERSION = 1
-PLUGIN_VERSION = "2"  # 2: BeamDraft's optional draft_vocab input
+PLUGIN_VERSION = "3"  # 2: BeamDraft's optional draft_vocab input; 3: its keep_prefixes attribute
 
 _FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 _INT = defs.OpSchema.AttrType.INT

@@ -32,9 +32,9 @@ def test_export_maps_each_op_to_one_checked_custom_node(tmp_path):
     attrs = {n.op_type: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in custom}
     assert attrs["BeamDraft"] == {
         "width": 3, "length": 2, "rnn": 1, "input_proj": 0, "shared": 0, "draft_vocab": 0, "num_draft_layers": 2,
-        "keep_prefixes": 0, "plugin_namespace": b"redrafter", "plugin_version": b"2"}
+        "keep_prefixes": 0, "plugin_namespace": b"redrafter", "plugin_version": b"3"}
     draft = next(n for n in custom if n.op_type == "BeamDraft")
-    assert attrs["PackBeams"] == {"plugin_namespace": b"redrafter", "plugin_version": b"2"}
+    assert attrs["PackBeams"] == {"plugin_namespace": b"redrafter", "plugin_version": b"3"}
     assert list(draft.input) == ["context", "first", "embed", "rnn_w", "rnn_u_w", "rnn_u_b", "out_w",
                                  "r0w", "r0b", "r1w", "r1b"]
     assert {i.domain: i.version for i in model.opset_import}[ronnx.DOMAIN] == ronnx.VERSION
