@@ -4,11 +4,11 @@ Convention: beam_length L counts the guaranteed token (Apple's convention), so e
 holds the base model's own next token followed by L-1 drafted tokens. TensorRT-LLM's
 draft_len_per_beam is L-1.
 
-The search tree: beam search keeps W prefixes at every depth, not only the W final beams, and
-most of the ones it prunes on the way are shorter candidates as likely as the final beams'
-tails. `keep_prefixes` returns them all as PAD-ended beams, so verification covers the top-W
-first tokens, the top-W two-token prefixes, ...: 1 + W(L-1) packed tokens, where the final
-beams alone pack to between L and 1 + W(L-1) (they share prefixes).
+The search tree: beam search keeps W prefixes at every depth, and the W final beams mostly
+share their first tokens, so the candidates it pruned on the way (the drafter's second- or
+third-best first token, say) are never verified. `keep_prefixes` returns every kept prefix as a
+PAD-ended beam, so verification covers the top-W first tokens, the top-W two-token prefixes,
+...: 1 + W(L-1) packed tokens, where the final beams alone pack to between L and 1 + W(L-1).
 """
 from __future__ import annotations
 
