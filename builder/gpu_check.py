@@ -2,6 +2,7 @@
 
     python -m redrafter.builder.gpu_check --device cuda            # SmolLM2-135M shape, random weights
     python -m redrafter.builder.gpu_check --device cpu --layers 2  # the quick CPU path (CI-sized)
+    python -m redrafter.builder.gpu_check --device cuda --tree search  # steps verifying the search tree
 
 The GPU machines hold no model files, so the base model is a random Llama of SmolLM2-135M's
 shape (30 layers, hidden 576, 9/3 heads, vocab 49152, tied) with a random shared-head drafter
@@ -94,6 +95,8 @@ def _modes(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from redrafter.runtime.decoding import TREES
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M: 30)")
@@ -103,12 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--beam-width", type=int, default=4)
     p.add_argument("--beam-length", type=int, default=4)
+    p.add_argument("--tree", default="beams", choices=list(TREES),
+                   help="what a step verifies: the W final beams or every prefix the beam search kept")
     p.add_argument("--out", help="also write the results here (JSON)")
     args = p.parse_args(argv)
     from redrafter.builder.build import BuildOptions, build_engine
 
     info = {"device": args.device, "torch": torch.__version__,
-            "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "layers": args.layers}
+            "card": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "layers": args.layers,
+            "beams": f"W{args.beam_width} L{args.beam_length} {args.tree}"}
     print(json.dumps(info), flush=True)
     results, ok = [], True
     with tempfile.TemporaryDirectory(prefix="redrafter-gpu-check-") as tmp:
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 output=root / f"{backend}{'+plugins' if plugin_ops else ''}-{quant}", base=base, drafter=drafter,
                 backend=backend, quantize=quant, device=args.device, beam_width=args.beam_width,
                 beam_length=args.beam_length, max_batch_size=1, max_seq_len=args.prompt_len + args.new_tokens + 16,
-                plugin_ops=plugin_ops, progress=True))  # stage times in the log
+                plugin_ops=plugin_ops, tree=args.tree, progress=True))  # stage times in the log
             r = run_engine(path, prompt, args.new_tokens, args.device) | {"build_s": round(time.perf_counter() - t, 1)}
             r["redrafter_equals_plain"] = all(r[m]["tokens"] == r["plain"]["tokens"] for m in _modes(r))
             ok &= r["redrafter_equals_plain"]

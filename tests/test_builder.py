@@ -683,3 +683,19 @@ def test_compare_times_each_engine_and_counts_prompts_equal_to_plain(tiny_hf_dir
     assert rows["e plain"]["tokens_per_step"] == 1.0 and 0 < rows["e plain"]["tokens"] <= 12
     assert rows["e redrafter"]["equals_plain"] and rows["e redrafter"]["prompts_equal_to_plain"] == 2
     assert "| e redrafter |" in capsys.readouterr().out
+
+
+def test_device_check_builds_and_runs_engines_on_the_cpu(tmp_path, capsys):
+    """The prepared GPU check (builder.gpu_check), CI-sized: a random 2-layer SmolLM2-shaped model,
+    engines verifying the search tree; each ReDrafter mode's tokens equal plain decoding's."""
+    from redrafter.builder import gpu_check
+
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--device", "cpu", "--layers", "2", "--backends", "eager", "--new-tokens", "12",
+                           "--prompt-len", "16", "--tree", "search", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["ok"] and report["info"]["beams"] == "W4 L4 search"
+    (r,) = report["results"]
+    assert r["engine"] == "eager-none" and r["redrafter_equals_plain"]
+    assert r["redrafter"]["steps"] >= 1 and r["plain"]["tok_per_s"] > 0
+    assert capsys.readouterr().out.strip().endswith("OK")
