@@ -64,9 +64,14 @@ def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | nn.Module
             history = [h.gather(1, parent[:, :, None].expand_as(h)) for h in history]
             history.append(logp.gather(1, parent[:, :, None].expand_as(logp)))
     log_probs = torch.stack(history, dim=2) if return_log_probs and history else None
-    if kept:
-        beams = torch.cat([beams, *(nn.functional.pad(k, (0, length - k.shape[2]), value=PAD) for k in kept[::-1])], 1)
-    return beams, log_probs
+    return (search_tree(beams, kept) if keep_prefixes else beams), log_probs
+
+
+def search_tree(final: Tensor, kept: list[Tensor]) -> Tensor:
+    """The search tree's beams: the final ones [B, W, L], then the prefixes kept at shorter depths
+    (`kept`: [B, W, d+1] for d = 1..L-2, shallowest first), longest first, each ended with PAD."""
+    length = final.shape[2]
+    return torch.cat([final, *(nn.functional.pad(k, (0, length - k.shape[2]), value=PAD) for k in kept[::-1])], 1)
 
 
 def search_tree_beams(width: int, length: int) -> int:

@@ -22,8 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...runtime.beam_search import _DEAD
-from ...runtime.tree import PAD
+from ...runtime.beam_search import _DEAD, search_tree
 
 
 @triton.jit
@@ -220,5 +219,4 @@ def beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
         beams = torch.cat((beams.gather(1, parent[:, :, None].expand_as(beams)), new_tok[:, :, None]), dim=2)
         state_rows = (parent + torch.arange(b, device=dev)[:, None] * w).view(rows)
         tokens = new_tok.reshape(rows)
-    pad = [torch.nn.functional.pad(k, (0, length - k.shape[2]), value=PAD) for k in kept[::-1]]
-    return torch.cat((beams, *pad), dim=1) if pad else beams
+    return search_tree(beams, kept) if keep_prefixes else beams
