@@ -470,8 +470,11 @@ def test_a_quantized_engine_drafts_with_a_quantized_copy_of_its_head(kind, head_
 
 @pytest.mark.parametrize("exact", [False, True], ids=["float32", "float64"])
 def test_exact_attention_gives_each_verified_token_the_bits_it_gets_decoded_alone(exact):
-    """In a bf16 int4 model every matmul is row-invariant, and attention is what makes a tree
-    verified at once differ from its tokens decoded one by one; in float64 it does not."""
+    """In a bf16 int4 model every matmul is row-invariant, so attention alone decides whether a
+    tree verified at once gives its tokens the bits they get decoded one by one. Exact (float64)
+    attention guarantees it on every CPU. Float32 attention promises only the same values up to
+    rounding: whether its bits differ depends on the CPU's kernels (they did on an AMD EPYC, not
+    on an Intel Xeon), so the test asserts closeness there, never a difference."""
     torch.manual_seed(0)
     # SmolLM2's widths (2 layers): narrower models rarely show a float32 difference in bf16.
     model = tiny_llama(True, vocab=96, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
@@ -494,7 +497,6 @@ def test_exact_attention_gives_each_verified_token_the_bits_it_gets_decoded_alon
                       causal_mask(1, 1))
         return h[0, 0]
 
-    same = []
     with torch.inference_mode():
         for _ in range(6):
             prompt = torch.randint(0, 96, (1, int(torch.randint(100, 300, (1,)))))
@@ -504,9 +506,11 @@ def test_exact_attention_gives_each_verified_token_the_bits_it_gets_decoded_alon
             tree = torch.tensor([[[1, 0, 0], [1, 1, 0], [1, 0, 1]]], dtype=torch.bool)
             h = model(torch.tensor([[root, a, b]]), torch.tensor([[n, n + 1, n + 1]]), prefilled(prompt), zero,
                       torch.tensor([n]), tree)[0]
-            same += [torch.equal(h[0], alone(prompt, [root])), torch.equal(h[1], alone(prompt, [root, a])),
-                     torch.equal(h[2], alone(prompt, [root, b]))]
-    assert all(same) if exact else not all(same)
+            for got, want in zip(h, (alone(prompt, [root]), alone(prompt, [root, a]), alone(prompt, [root, b]))):
+                if exact:
+                    assert torch.equal(got, want)
+                else:  # bf16 rounding: well under 1% of the hidden state's norm
+                    assert (got.float() - want.float()).norm() <= 0.01 * want.float().norm()
 
 
 @pytest.mark.parametrize("kind,dtype", [(Int8Linear, torch.bfloat16), (Int4Linear, torch.bfloat16),
