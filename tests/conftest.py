@@ -78,3 +78,26 @@ def tiny_hf_dir(tmp_path_factory, smollm2_dir):
     base = save_hf_checkpoint(model, root / "base", tokenizer_dir=smollm2_dir)
     drafter = save_drafter(tiny_drafter(model, head="shared", draft_vocab_size=4096), root / "drafter")
     return base, drafter
+
+
+# --- tiers (pyproject.toml lists the markers) ---------------------------------------------------
+
+REAL_MODEL_FIXTURES = {"smollm2", "smollm2_dir", "tiny_hf_dir", "mtbench_prompts"}
+TIER_BY_MODULE = {"test_builder": "engine", "test_plugins_onnx": "engine", "test_plugins_kernels": "kernels",
+                  "test_serving_server": "server", "test_reliability": "server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every test its tier, so that `pytest -m unit` is the edit loop's fast run: `slow`
+    where it reads the real SmolLM2 (or its tokenizer), `engine` where it builds and compiles
+    engines, `kernels` where it runs the Triton kernels (interpreted, or compiled for a GPU),
+    `server` where it starts tritonserver, `unit` for the rest. CI runs them all."""
+    for item in items:
+        tiers = {m.name for m in item.iter_markers()} & {"slow", "engine", "kernels", "server"}
+        module_tier = TIER_BY_MODULE.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module else None
+        if module_tier:
+            tiers.add(module_tier)
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            tiers.add("slow")
+        for tier in tiers or {"unit"}:
+            item.add_marker(tier)
