@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from redrafter.runtime.scheduler import default_beam_shape
+from redrafter.runtime.config import DecodeConfig
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
                      engine_config, file_checksums, read_config)
@@ -27,20 +27,16 @@ from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENI
 @dataclass
 class BuildOptions(EngineOptions):
     """What to build. base: HF dir | .gguf | "default"; drafter: dir | "default" | "none".
-    Beams default by device (runtime.scheduler.default_beam_shape): W1 L2 on the CPU, W4 L4 on a GPU."""
-    beam_width: int | None = None
-    beam_length: int | None = None
+    decode None: the device's default (DecodeConfig.for_device)."""
+    decode: DecodeConfig | None = None  # type: ignore[assignment]
     output: str | os.PathLike = ""
     base: str | os.PathLike = "default"
     drafter: str | os.PathLike = "default"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        width, length = default_beam_shape(self.device)
-        if self.beam_width is None:
-            self.beam_width = width
-        if self.beam_length is None:
-            self.beam_length = length
+        if self.decode is None:
+            self.decode = DecodeConfig.for_device(self.device)
 
     def engine_options(self) -> EngineOptions:
         opts = EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
@@ -187,7 +183,8 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
 
     capacity = opts.cache_capacity
     dev = model.embed.weight.device
-    keep = opts.tree == "search"  # the draft and step programs draft the search tree
+    d = opts.decode  # the draft and step programs' setting
+    w, l, keep = d.beam_width, d.beam_length, d.keep_prefixes
     programs = {}
     if opts.backend == "aoti":
         from .export_aoti import compile_aoti, verify_engine_forward
@@ -204,14 +201,14 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
         if head is not None:
             dargs, dshapes = draft_examples(model, opts.max_batch_size)
             stages.run("compile draft (AOTInductor)", lambda: compile_aoti(
-                DraftBeams(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops, opts.draft_quantize,
+                DraftBeams(model, head, w, l, opts.plugin_ops, opts.draft_quantize,
                            keep),
                 dargs, dshapes,
                 tmp / PROGRAMS_DIR / "draft.pt2"))
             programs["draft"] = f"{PROGRAMS_DIR}/draft.pt2"
             sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
             stages.run("compile step (AOTInductor)", lambda: compile_aoti(
-                SpeculativeStep(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops,
+                SpeculativeStep(model, head, w, l, opts.plugin_ops,
                                 quantize=opts.draft_quantize, keep_prefixes=keep), sargs, sshapes,
                 tmp / PROGRAMS_DIR / "step.pt2"))
             programs["step"] = f"{PROGRAMS_DIR}/step.pt2"
@@ -229,12 +226,12 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
     if head is not None:
         dargs, dshapes = draft_examples(model, opts.max_batch_size)
         stages.run("export draft (ONNX)", lambda: export_onnx(
-            DraftBeams(model, head, opts.beam_width, opts.beam_length, keep_prefixes=keep), dargs, dshapes,
+            DraftBeams(model, head, w, l, keep_prefixes=keep), dargs, dshapes,
             tmp / PROGRAMS_DIR / "draft.onnx", DRAFT_INPUTS, DRAFT_OUTPUTS))
         programs["draft"] = f"{PROGRAMS_DIR}/draft.onnx"
         sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
         stages.run("export step (ONNX, plugin nodes)", lambda: export_step_onnx(
-            SpeculativeStep(model, head, opts.beam_width, opts.beam_length, plugin_ops=True, functional=True,
+            SpeculativeStep(model, head, w, l, plugin_ops=True, functional=True,
                             keep_prefixes=keep),
             sargs, sshapes, tmp / PROGRAMS_DIR / "step.onnx"))
         programs["step"] = f"{PROGRAMS_DIR}/step.onnx"

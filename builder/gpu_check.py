@@ -64,6 +64,7 @@ def _sync(device: str) -> None:
 
 def run_engine(path: Path, prompt: list[int], new_tokens: int, device: str) -> dict:
     from redrafter.builder.engine import load_engine
+    from redrafter.runtime.config import DecodeConfig
     from redrafter.runtime.decoding import generate
 
     t = time.perf_counter()
@@ -75,7 +76,7 @@ def run_engine(path: Path, prompt: list[int], new_tokens: int, device: str) -> d
         modes.append(("redrafter-fused" if engine.model.embed.weight.device.type != "cuda" else
                       "redrafter-unfused", True, engine.model.embed.weight.device.type != "cuda"))
     for mode, spec, fused in modes:
-        decoder = engine.decoder(speculative=spec, fused_step=fused)
+        decoder = engine.decoder(decode=None if spec else DecodeConfig.plain(), fused_step=fused)
         generate(decoder, [prompt], 8, ())  # warm-up (first calls allocate / autotune)
         _sync(device)
         t = time.perf_counter()
@@ -95,7 +96,7 @@ def _modes(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from redrafter.runtime.decoding import TREES
+    from redrafter.runtime.config import TREES, DecodeConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             path = build_engine(BuildOptions(
                 output=root / f"{backend}{'+plugins' if plugin_ops else ''}-{quant}", base=base, drafter=drafter,
-                backend=backend, quantize=quant, device=args.device, beam_width=args.beam_width,
-                beam_length=args.beam_length, max_batch_size=1, max_seq_len=args.prompt_len + args.new_tokens + 16,
-                plugin_ops=plugin_ops, tree=args.tree, progress=True))  # stage times in the log
+                backend=backend, quantize=quant, device=args.device,
+                decode=DecodeConfig(args.beam_width, args.beam_length, args.tree), max_batch_size=1,
+                max_seq_len=args.prompt_len + args.new_tokens + 16, plugin_ops=plugin_ops, progress=True))  # stage times in the log
             r = run_engine(path, prompt, args.new_tokens, args.device) | {"build_s": round(time.perf_counter() - t, 1)}
             r["redrafter_equals_plain"] = all(r[m]["tokens"] == r["plain"]["tokens"] for m in _modes(r))
             ok &= r["redrafter_equals_plain"]

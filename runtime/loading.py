@@ -10,12 +10,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_dir
 from .model import Llama, LlamaConfig, rope_inv_freq
 
 DEFAULT_BASE = "default"
@@ -67,9 +67,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=False) as tmp:  # another process may have converted it meanwhile
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to re-save a GGUF-loaded model, so write the parts ourselves.
@@ -83,10 +81,6 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         tok.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

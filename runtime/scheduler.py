@@ -22,16 +22,6 @@ from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
 
 
-def default_beam_shape(device: object) -> tuple[int, int]:
-    """(W, L) when none is given: W1 L2 on a CPU, W4 L4 on a GPU.
-
-    On a CPU every verified token costs compute: W1 L2 verifies 2 tokens for about the cost of
-    1 and was the fastest fixed shape at batch 1 (1.24x plain; W4 L4 0.65x; BENCHMARKS.md). A
-    memory-bound GPU verifies dozens of tokens for little more than one (the paper's setting).
-    """
-    return (1, 2) if str(device).split(":")[0] == "cpu" else (4, 4)
-
-
 @dataclass(frozen=True)
 class BeamPolicy:
     """(W, L) per batch size: the entry with the largest batch key <= the current batch.

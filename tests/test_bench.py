@@ -1,5 +1,6 @@
 """`redrafter bench`: figures, the JSON/PNG it writes, the identical-output check, bad input."""
 from __future__ import annotations
+from redrafter.runtime.config import DecodeConfig
 
 import json
 
@@ -82,7 +83,7 @@ def test_jsonl_prompts_formats_and_errors(tmp_path, prompt_file):
 def test_named_datasets_are_mtbench_first_turns_and_sharegpt_heldout():
     from redrafter.bench import load_prompts
     from redrafter.datasets import mtbench_first_turns
-    from redrafter.training.data import heldout_prompts
+    from redrafter.datasets import heldout_prompts
 
     assert load_prompts("mtbench", 3) == mtbench_first_turns(3) and len(mtbench_first_turns(3)) == 3
     assert load_prompts("sharegpt", 2) == heldout_prompts(2) and all(heldout_prompts(2))
@@ -245,9 +246,7 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     from redrafter.builder.build import BuildOptions, build_engine
 
     base, drafter = tiny_hf_dir
-    engine = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager",
-                                       beam_width=2, beam_length=3, max_batch_size=2, max_seq_len=128,
-                                       progress=False))
+    engine = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager", max_batch_size=2, max_seq_len=128, progress=False, decode=DecodeConfig(beam_width=2, beam_length=3)))
     json_out = tmp_path / "bench.json"
     args = ["bench", "--engine", str(engine), "--base", str(base), "--dataset", str(prompt_file),
             "--max-new-tokens", "4", "--batch-sizes", "2", "--peers", "hf", "--json", str(json_out)]

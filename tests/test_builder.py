@@ -1,6 +1,7 @@
 """Engine builder: tiny engines per backend, agreement with eager, int8, corrupted engines,
 atomic builds. Each backend compiles once per session (AOTInductor takes ~30-60 s on 2 cores)."""
 from __future__ import annotations
+from redrafter.runtime.config import DecodeConfig
 
 import json
 import os
@@ -38,11 +39,7 @@ def build(tiny_hf_dir, tmp_path_factory):
             exact_attention: bool = False, lookup_ngram: int = 0, lookup_length: int = 0, tree: str = "beams") -> Path:
         key = (backend, quantize, plugin_ops, dtype, exact_attention, lookup_ngram, lookup_length, tree)
         if key not in built:
-            built[key] = build_engine(BuildOptions(
-                output=root / "-".join(map(str, key)), base=base, drafter=drafter,
-                backend=backend, quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2,
-                max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, exact_attention=exact_attention,
-                lookup_ngram=lookup_ngram, lookup_length=lookup_length, tree=tree, progress=False))
+            built[key] = build_engine(BuildOptions(output=root / "-".join(map(str, key)), base=base, drafter=drafter, backend=backend, quantize=quantize, max_batch_size=2, max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, exact_attention=exact_attention, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4, tree=tree, lookup_ngram=lookup_ngram, lookup_length=lookup_length)))
         return built[key]
 
     return get
@@ -51,7 +48,7 @@ def build(tiny_hf_dir, tmp_path_factory):
 def greedy(engine_dir: Path, speculative: bool = True, n: int = 24, fused_step: bool | None = None) -> list[list[int]]:
     e = load_engine(engine_dir)
     prompts = [e.encode_chat(p) for p in PROMPTS]
-    decoder = e.decoder(speculative=speculative, fused_step=fused_step)
+    decoder = e.decoder(fused_step=fused_step, decode=None if speculative else DecodeConfig.plain())
     return [g.token_ids for g in generate(decoder, prompts, n, e.eos_ids)]
 
 
@@ -183,9 +180,7 @@ def test_a_static_key_span_engine_decodes_like_eager(build, tiny_hf_dir, tmp_pat
 
     monkeypatch.setattr(programs, "static_span", lambda device, capacity: capacity - 1)
     base, drafter = tiny_hf_dir
-    path = build_engine(BuildOptions(output=tmp_path / "static", base=base, drafter=drafter, backend="aoti",
-                                     beam_width=3, beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
-                                     progress=False))
+    path = build_engine(BuildOptions(output=tmp_path / "static", base=base, drafter=drafter, backend="aoti", max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4)))
     assert greedy(path) == greedy(path, speculative=False) == greedy(build("eager"))
 
 
@@ -258,8 +253,7 @@ def test_a_crash_loading_a_compiled_program_ends_the_build_with_a_clear_error(ti
     base, drafter = tiny_hf_dir
     out = tmp_path / "crashing"
     with pytest.raises(ValueError, match=r"crashed the process \(SIGSEGV\).*--backend eager"):
-        build_engine(BuildOptions(output=out, base=base, drafter=drafter, backend="aoti", beam_width=3,
-                                  beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False))
+        build_engine(BuildOptions(output=out, base=base, drafter=drafter, backend="aoti", max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -302,9 +296,7 @@ def test_an_engine_from_before_quantized_drafting_still_drafts_in_float(tiny_hf_
     """Engines record the draft head's quantization; one without the record (built before it
     existed) has float draft programs and loads them as such."""
     base, drafter = tiny_hf_dir
-    path = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, quantize="int8",
-                                     draft_quantize="none", beam_width=3, beam_length=4, max_batch_size=2,
-                                     max_seq_len=MAX_SEQ_LEN, progress=False))
+    path = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, quantize="int8", draft_quantize="none", max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4)))
     cfg = json.loads((path / "config.json").read_text())
     del cfg["build"]["draft_quantize"]
     (path / "config.json").write_text(json.dumps(cfg))
@@ -430,7 +422,7 @@ def test_a_quantized_model_drafts_from_float_lm_head_rows_and_stays_lossless(tie
         assert rows.shape == float_head.shape and 0 < (rows - float_head).abs().max() < 0.1
     prompts = [[1, 5, 9, 2], [7, 3]]
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=40), prompts, 12)
-    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, beam_width=3, beam_length=3), prompts, 12)
+    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, decode=DecodeConfig(beam_width=3, beam_length=3)), prompts, 12)
     assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
     # int8 takes any shape; a head that torch's int4 packing cannot take stays float.
     odd = quantize_model(tiny_llama(tied, vocab=97), kind)
@@ -463,7 +455,7 @@ def test_a_quantized_engine_drafts_with_a_quantized_copy_of_its_head(kind, head_
     assert ref.shape == got.shape and 0 < (got - ref).norm() / ref.norm() < {"int8": 0.03, "int4": 0.2}[kind]
     prompts = [[1, 5, 9, 2], [7, 3]]
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=40), prompts, 12)
-    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, beam_width=3, beam_length=3, draft=draft),
+    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, draft=draft, decode=DecodeConfig(beam_width=3, beam_length=3)),
                     prompts, 12)
     assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
 
@@ -636,11 +628,11 @@ def test_beams_default_by_device_and_explicit_values_stay():
     assert (BuildOptions(output="x").beam_width, BuildOptions(output="x").beam_length) == (1, 2)
     cuda = BuildOptions(output="x", device="cuda")
     assert (cuda.beam_width, cuda.beam_length) == (4, 4)
-    assert BuildOptions(output="x", beam_width=3).beam_width == 3
+    assert BuildOptions(output="x", decode=DecodeConfig(beam_width=3)).beam_width == 3
     with pytest.raises(ValueError, match="beam_width"):
-        BuildOptions(output="x", beam_width=0).validate()
+        BuildOptions(output="x", decode=DecodeConfig(beam_width=0)).validate()
     with pytest.raises(ValueError, match="unknown tree 'bushy': choose one of beams, search"):
-        BuildOptions(output="x", tree="bushy").validate()
+        BuildOptions(output="x", decode=DecodeConfig(tree="bushy")).validate()
 
 
 def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
@@ -674,12 +666,11 @@ def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
 
 
 def test_compare_times_each_engine_and_counts_prompts_equal_to_plain(tiny_hf_dir, tmp_path, capsys):
-    """`python -m redrafter.builder.compare` on a tiny eager engine and MT-Bench prompts."""
-    from redrafter.builder import compare
+    """`python -m redrafter.bench.compare` on a tiny eager engine and MT-Bench prompts."""
+    from redrafter.bench import compare
 
     base, drafter = tiny_hf_dir
-    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager",
-                                       beam_width=2, beam_length=3, max_seq_len=512, progress=False))
+    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager", max_seq_len=512, progress=False, decode=DecodeConfig(beam_width=2, beam_length=3)))
     out = tmp_path / "compare.json"
     assert compare.main([str(engine), "--questions", "2", "--max-new-tokens", "6", "--json", str(out)]) == 0
     rows = {r["system"]: r for r in json.loads(out.read_text())}

@@ -1,4 +1,5 @@
 """`redrafter generate`: streamed text and JSON output, sampling, and clear errors for bad input."""
+from redrafter.runtime.config import DecodeConfig
 import json
 import subprocess
 import sys
@@ -115,8 +116,7 @@ def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, 
     from redrafter.builder.build import BuildOptions, build_engine
 
     base, drafter = tiny_hf_dir
-    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager",
-                                       beam_width=2, beam_length=3, max_seq_len=128, progress=False))
+    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager", max_seq_len=128, progress=False, decode=DecodeConfig(beam_width=2, beam_length=3)))
     args = ["generate", "--prompt", "Hello there", "--max-new-tokens", "10", "--json"]
     assert main(args + ["--engine", str(engine)]) == 0
     spec = json.loads(capsys.readouterr().out)

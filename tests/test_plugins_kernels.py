@@ -7,6 +7,9 @@ Shapes are tiny: the interpreter runs every program instance in numpy.
 """
 from __future__ import annotations
 
+from redrafter.plugins.ops import PluginSteps
+from redrafter.runtime.config import DecodeConfig
+
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -197,8 +200,7 @@ PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43]]
 def test_decoder_with_triton_kernels_is_lossless(kernels_on_cpu):
     model = tiny_llama()
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=48), PROMPTS, 8)
-    dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, beam_width=2, beam_length=3,
-                  use_plugins=True)
+    dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, decode=DecodeConfig(beam_width=2, beam_length=3), steps=PluginSteps(model))
     assert [g.token_ids for g in generate(dec, PROMPTS, 8)] == [g.token_ids for g in plain]
 
 
@@ -209,8 +211,7 @@ def test_decoder_with_triton_kernels_commits_accepted_drafts(kernels_on_cpu, mon
 
     model = tiny_llama()
     ref = [g.token_ids for g in generate(Decoder(model, None, max_batch=2, max_seq_len=48), PROMPTS, 14)]
-    dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, beam_width=3, beam_length=4,
-                  use_plugins=True)
+    dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, decode=DecodeConfig(beam_width=3, beam_length=4), steps=PluginSteps(model))
     oracle = OracleBeams(dec, PROMPTS, ref)
     monkeypatch.setattr(ops, "draft", lambda *a, **kw: oracle(*a, **kw)[0])
     got = generate(dec, PROMPTS, 14)
@@ -264,7 +265,6 @@ def test_fused_step_program_with_triton_kernels_is_lossless(kernels_on_cpu):
     head = tiny_drafter(model)
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=48), PROMPTS, 8)
     step, calls = SpeculativeStep(model, head, 2, 3, plugin_ops=True), []
-    dec = Decoder(model, head, max_batch=2, max_seq_len=48, beam_width=2, beam_length=3,
-                  fused_step=lambda *a: calls.append(1) or step(*a))
+    dec = Decoder(model, head, max_batch=2, max_seq_len=48, fused_step=lambda *a: calls.append(1) or step(*a), decode=DecodeConfig(beam_width=2, beam_length=3))
     assert [g.token_ids for g in generate(dec, PROMPTS, 8)] == [g.token_ids for g in plain]
     assert calls

@@ -1,5 +1,6 @@
 """Triton serving without a server: request validation, the model repository, the stub environment."""
 from __future__ import annotations
+from redrafter.runtime.config import DecodeConfig
 
 import subprocess
 
@@ -150,8 +151,7 @@ def test_model_source_validation(kwargs, error, message):
 
 def test_base_and_drafter_source_opens_a_session_with_its_options(tiny_hf_dir):
     base, drafter = tiny_hf_dir
-    source = ModelSource.create(base=base, drafter=drafter, max_batch_size=3, max_seq_len=64, beam_width=2,
-                                beam_length=3, lookup_ngram=3, lookup_length=5, tree="search")
+    source = ModelSource.create(base=base, drafter=drafter, max_batch_size=3, max_seq_len=64, decode=DecodeConfig(beam_width=2, beam_length=3, tree="search", lookup_ngram=3, lookup_length=5))
     assert ModelSource.from_parameters(source.parameters()) == source  # what the Triton model reads back
     with source.open_session() as s:
         assert (s.max_batch_size, s.max_seq_len) == (3, 64)

@@ -38,16 +38,9 @@ def _peer_list(text: str) -> list[str]:
     return peers
 
 
-def _tree_list(text: str) -> list[str]:
-    from redrafter.runtime.decoding import TREES
-
-    trees = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not trees or set(trees) - set(TREES):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(TREES)}, got {text!r}")
-    return trees
-
-
 def register(subparsers) -> None:
+    from redrafter.runtime import config
+
     p = subparsers.add_parser(
         "bench", help="measure ReDrafter against plain decoding and peers (speed, acceptance, identical outputs)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,17 +54,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="default 128")
     p.add_argument("--batch-sizes", type=_int_list("batch sizes", 1), default=[1], metavar="B,...",
                    help="prompts decoded together in lockstep (default 1)")
-    p.add_argument("--beam-width", type=_int_list("beam width W", 1), metavar="W,...", help="default 4")
-    p.add_argument("--beam-length", type=_int_list("beam length L (it counts the guaranteed token)", 2),
-                   metavar="L,...", help="default 4; every (W, L) pair of the two lists is measured")
-    p.add_argument("--lookup", type=_int_list("lookup n-gram", 0), default=[0], metavar="N,...",
-                   help="context lookup: add a beam copying what followed the last 1..N tokens earlier in the "
-                        "sequence (0 = off, the default); every (W, L) pair is measured with each N")
-    p.add_argument("--lookup-length", type=positive_int, default=None, metavar="K",
-                   help="with --lookup: the lookup beam's tokens if more than L (default: L)")
-    p.add_argument("--tree", type=_tree_list, default=None, metavar="beams,search",
-                   help="what a step verifies: the W final beams (beams, the default) or every prefix the beam "
-                        "search kept (search: 1 + W(L-1) tokens); each is measured")
+    # Lists: every combination is measured; with --engine, settings within its built one (default: that one).
+    config.add_arguments(p, sweep=True, plain=False)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples through the serving Session, seeded per prompt")
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
@@ -94,9 +78,7 @@ def load_prompts(dataset: str, n: int) -> list[str]:
     if dataset == "mtbench":
         return datasets.mtbench_first_turns(n)
     if dataset == "sharegpt":
-        from redrafter.training.data import heldout_prompts
-
-        return heldout_prompts(n)
+        return datasets.heldout_prompts(n)
     if dataset.endswith(".jsonl") or Path(dataset).exists():
         return datasets.jsonl_prompts(dataset, n)
     raise ValueError(f"unknown dataset {dataset!r}: use {', '.join(DATASETS)} or a path to a .jsonl file")
@@ -116,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     if len(texts) < args.questions:
         notes.append(f"{args.dataset} has {len(texts)} prompts; --questions {args.questions} asked for more")
-    target = open_target(args.engine, args.base, args.drafter, args.beam_width, args.beam_length, args.lookup,
-                         args.lookup_length or 0, args.batch_sizes, args.device, args.tree)
+    from redrafter.runtime.config import given, sweep_from_args
+
+    target = open_target(args.engine, args.base, args.drafter, sweep_from_args(args, args.device or "cpu"),
+                         bool(given(args)), args.batch_sizes, args.device)
     prompts = [target.encode_chat(t) for t in texts]
     load_before = report.load_average()
     results, reference = measure(target, prompts, args.max_new_tokens, args.batch_sizes, args.peers, args.base,
@@ -126,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     mode = "greedy" if args.temperature == 0 else f"sampled (T={args.temperature}, seed {args.seed}+i)"
 
     settings = {**target.settings, "dataset": args.dataset, "questions": len(prompts),
-                "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_sizes, "configs": target.configs,
+                "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_sizes,
+                "configs": [list(c.to_json().values()) for c in target.configs],
                 "temperature": args.temperature, "seed": args.seed, "peers": args.peers, "threads": threads,
                 "reference": f"our plain {mode} decoding at batch {args.batch_sizes[0]}"}
     machine = report.machine_info(threads) | {"load_average_before": load_before}

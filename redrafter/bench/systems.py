@@ -61,7 +61,8 @@ def _shape(decoder: Decoder) -> tuple[int | None, ...]:
     """(W, L, lookup n-gram, longest beam, tree) of a ReDrafter decoder; Nones for plain decoding."""
     if not decoder.speculative:
         return (None,) * 5
-    return decoder.beam_width, decoder.beam_length, decoder.lookup_ngram, decoder.step_length(), decoder.tree
+    c = decoder.config
+    return c.beam_width, c.beam_length, c.lookup_ngram, c.step_length, c.tree
 
 
 class OursSystem(System):

@@ -1,6 +1,6 @@
 """Compare engines in one run: same prompts, each engine's ReDrafter and plain decoding, in turns.
 
-    python -m redrafter.builder.compare ENGINE_DIR... [--questions 5] [--max-new-tokens 128]
+    python -m redrafter.bench.compare ENGINE_DIR... [--questions 5] [--max-new-tokens 128]
 
 Engines and modes take turns prompt by prompt (after one warm-up generation each), so load
 drift on a shared machine spreads over all of them. Prints a markdown table; checks that each
