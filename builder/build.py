@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from redrafter.runtime.atomic import replace_dir
 from redrafter.runtime.config import DecodeConfig
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
@@ -331,14 +332,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing engine (or empty dir) at out is swapped out and removed."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    """Rename tmp to out (an existing engine or empty dir at out swapped out and removed), durably."""
+    replace_dir(tmp, out)
     fd = os.open(out.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ..runtime.atomic import atomic_file
 from ..runtime.tree import PAD
 
 
@@ -351,10 +352,9 @@ def table_row(r: Row) -> str:
 
 def write_report(out: Path, device: str, rows: list[Row]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".gpu_check.json.tmp"
-    tmp.write_text(json.dumps({"device": device, "torch": torch.__version__,
-                               "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}, indent=2))
-    os.replace(tmp, out / "gpu_check.json")
+    with atomic_file(out / "gpu_check.json") as tmp:
+        tmp.write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                   "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

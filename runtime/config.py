@@ -17,8 +17,8 @@ from typing import Any
 TREES = ("beams", "search")
 
 
-def _flag(flag: str, help: str, minimum: int = 1, **kw: Any) -> dict[str, Any]:
-    return {"metadata": {"flag": flag, "help": help, "minimum": minimum}, **kw}
+def _flag(flag: str, metavar: str, help: str, minimum: int = 1) -> dict[str, Any]:
+    return {"metadata": {"flag": flag, "metavar": metavar, "help": help, "minimum": minimum}}
 
 
 @dataclass(frozen=True)
@@ -26,17 +26,17 @@ class DecodeConfig:
     """W beams of L tokens (counting the guaranteed token; L = 1: plain decoding), the tree a step
     verifies, and the optional context lookup beam (runtime/lookup.py) of max(lookup_length, L)
     tokens after a match of the last 1..lookup_ngram tokens (0: off)."""
-    beam_width: int = field(default=1, **_flag("--beam-width", "W: beams drafted per step"))
+    beam_width: int = field(default=1, **_flag("--beam-width", "W", "W: beams drafted per step"))
     beam_length: int = field(default=2, **_flag(
-        "--beam-length", "L: tokens per beam, counting the guaranteed token (L-1 drafted; 1: plain decoding)"))
+        "--beam-length", "L", "L: tokens per beam, counting the guaranteed token (L-1 drafted; 1: plain decoding)"))
     tree: str = field(default="beams", **_flag(
-        "--tree", "what a step verifies: the W final beams (beams) or every prefix the beam search kept "
+        "--tree", "beams|search", "what a step verifies: the W final beams (beams) or every prefix the beam search kept "
                   "(search: 1 + W(L-1) tokens, more accepted per step)"))
     lookup_ngram: int = field(default=0, **_flag(
-        "--lookup", "context lookup: also verify a beam copying what followed the last 1..N tokens earlier in "
+        "--lookup", "N", "context lookup: also verify a beam copying what followed the last 1..N tokens earlier in "
                     "the text (0: off)", minimum=0))
     lookup_length: int = field(default=0, **_flag(
-        "--lookup-length", "with --lookup: the lookup beam's tokens, counting the guaranteed token, if more than "
+        "--lookup-length", "K", "with --lookup: the lookup beam's tokens, counting the guaranteed token, if more than "
                            "L (0: L)", minimum=0))
 
     def __post_init__(self) -> None:
@@ -118,16 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser, sweep: bool = False, plain: b
     --no-spec."""
     group = parser.add_argument_group("decoding (DecodeConfig)")
     for f in fields(DecodeConfig):
-        help = f"{f.metadata['help']} (default {f.default}{'; on cuda W4 L4' if 'beam' in f.name else ''})"
-        if f.name == "tree":
-            kind = _list(str, f) if sweep else str
-            group.add_argument(f.metadata["flag"], dest=f.name, type=kind, default=None, help=help,
-                               **({} if sweep else {"choices": list(TREES)}))
-        else:
-            many = sweep and f.name != "lookup_length"
-            group.add_argument(f.metadata["flag"], dest=f.name, type=_list(int, f) if many else _int(f), default=None,
-                               metavar=f"{f.metadata['flag'][2:].split('-')[-1][0].upper()}{',...' if many else ''}",
-                               help=help)
+        many = sweep and f.name != "lookup_length"
+        group.add_argument(f.metadata["flag"], dest=f.name, type=_parser(f, many), default=None,
+                           metavar=f.metadata["metavar"] + (",..." if many else ""),
+                           help=f"{f.metadata['help']} (default {f.default}{'; cuda: 4' if 'beam' in f.name else ''})")
     if plain:
         group.add_argument("--no-spec", action="store_true", help="plain decoding: no drafting")
 
@@ -153,8 +147,8 @@ def from_args(args: argparse.Namespace, defaults: DecodeConfig) -> DecodeConfig:
 def sweep_from_args(args: argparse.Namespace, device: Any = "cpu") -> list[DecodeConfig]:
     """Every combination of add_arguments' lists (sweep=True), on the device's defaults."""
     default = DecodeConfig.for_device(device)
-    lists = {f.name: getattr(args, f.name, None) or [getattr(default, f.name)]
-             for f in fields(DecodeConfig) if f.name != "lookup_length"}
+    lists = {name: getattr(args, name, None) or [getattr(default, name)]  # the order bench's table keeps
+             for name in ("beam_width", "beam_length", "lookup_ngram", "tree")}
     out = []
     for combo in itertools.product(*lists.values()):
         values = dict(zip(lists, combo))
@@ -165,8 +159,12 @@ def sweep_from_args(args: argparse.Namespace, device: Any = "cpu") -> list[Decod
     return out
 
 
-def _int(f) -> Any:
-    def parse(text: str) -> int:
+def _parser(f: Any, many: bool) -> Any:
+    def one(text: str) -> int | str:
+        if f.name == "tree":
+            if text not in TREES:
+                raise argparse.ArgumentTypeError(f"expected {' or '.join(TREES)}, got {text!r}")
+            return text
         try:
             value = int(text)
         except ValueError:
@@ -174,15 +172,12 @@ def _int(f) -> Any:
         if value < f.metadata["minimum"]:
             raise argparse.ArgumentTypeError(f"must be >= {f.metadata['minimum']}, got {value}")
         return value
-    return parse
 
-
-def _list(kind: type, f) -> Any:
-    def parse(text: str) -> list:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if kind is str:
-            if not items or set(items) - set(TREES):
-                raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(TREES)}, got {text!r}")
-            return list(dict.fromkeys(items))
-        return sorted(set(_int(f)(t) for t in items)) if items else _int(f)("")
+    def parse(text: str) -> Any:
+        if not many:
+            return one(text.strip())
+        items = list(dict.fromkeys(one(t.strip()) for t in text.split(",") if t.strip()))
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return items if f.name == "tree" else sorted(items)
     return parse

@@ -256,17 +256,44 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert [(r["label"], r["batch_size"]) for r in report["results"]] == [
         ("plain", 2), ("redrafter W2 L3", 2), ("hf", 2)]
     assert report["identical"] is True
-    # The engine fixes its beam shape and largest batch.
+    # Settings within the engine's built ones run (here the search tree, 1 + 2*2 <= 6 tokens, and W1 L2);
+    # larger trees, a lookup beam it has no room for and larger batches are refused.
+    assert main([*args, "--tree", "search", "--beam-width", "1,2", "--beam-length", "2,3", "--peers", "none"]) == 0
+    report = json.loads(json_out.read_text())
+    assert [r["label"] for r in report["results"]] == [
+        "plain", "redrafter W1 L2 search-tree", "redrafter W1 L3 search-tree", "redrafter W2 L2 search-tree",
+        "redrafter W2 L3 search-tree"] and report["identical"] is True
     capsys.readouterr()
     assert main([*args[:-2], "--beam-width", "4"]) == 2
-    assert "the engine was built for W=2, L=3" in capsys.readouterr().err
+    assert "W4 L3 (12 tree tokens) exceeds the engine " in capsys.readouterr().err
     assert main([*args[:-2], "--batch-sizes", "4"]) == 2
     assert "exceeds the engine's max batch size 2" in capsys.readouterr().err
     assert main([*args[:-2], "--lookup", "2"]) == 2
-    assert "an engine's lookup beam is chosen when it is built (`redrafter build --lookup N --lookup-length K`)" \
-        in capsys.readouterr().err
-    assert main([*args[:-2], "--tree", "search"]) == 2
-    assert "an engine's tree is chosen when it is built (`redrafter build --tree search`)" in capsys.readouterr().err
+    assert "was built without a lookup beam: drop --lookup, or rebuild with --lookup N" in capsys.readouterr().err
+
+
+def test_bench_compares_engines_in_one_rotation_each_against_its_own_plain_decoding(tiny_hf_dir, prompt_file,
+                                                                                      tmp_path):
+    """Several --engine take turns; an engine with a step program runs it ("fused") and its draft and
+    forward programs ("unfused"), each checked against that engine's own plain decoding."""
+    from redrafter.builder.build import BuildOptions, build_engine
+
+    base, drafter = tiny_hf_dir
+    engines = [build_engine(BuildOptions(output=tmp_path / name, base=base, drafter=drafter, backend=backend,
+                                         max_batch_size=1, max_seq_len=128, progress=False,
+                                         decode=DecodeConfig(beam_width=2, beam_length=3)))
+               for name, backend in (("e", "eager"), ("o", "onnx"))]
+    json_out = tmp_path / "bench.json"
+    assert main(["bench", *(x for e in engines for x in ("--engine", str(e))), "--dataset", str(prompt_file),
+                 "--max-new-tokens", "6", "--peers", "none", "--json", str(json_out)]) == 0
+    report = json.loads(json_out.read_text())
+    rows = {r["label"]: r for r in report["results"]}
+    assert list(rows) == ["e plain", "e redrafter W2 L3", "o plain", "o redrafter W2 L3 unfused",
+                          "o redrafter W2 L3 fused"]
+    assert [r["engine"] for r in rows.values()] == ["e", "e", "o", "o", "o"]
+    assert all(r["identical"] and r["mismatches"] == [] for r in rows.values())
+    assert rows["e plain"]["tokens_per_step"] == 1.0 and rows["o redrafter W2 L3 fused"]["tokens_per_step"] >= 1.0
+    assert [e["engine"] for e in report["settings"]["engines"]] == [str(e) for e in engines]
 
 
 def test_bench_measures_the_final_beams_and_the_search_tree_side_by_side(tiny_hf_dir, prompt_file, tmp_path,

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from redrafter.builder import build as build_mod
 from redrafter.builder.build import BuildOptions, build_engine
-from redrafter.builder.engine import SCHEMA_VERSION, file_checksums, load_engine
+from redrafter.builder.engine import SCHEMA_VERSION, file_checksums, load_engine, open_session
 from redrafter.builder.programs import DraftBeams
 from conftest import tiny_drafter, tiny_llama
 from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_model, quantize_weight
@@ -99,8 +99,8 @@ def test_an_aoti_engine_with_a_lookup_beam_decodes_like_eager(build):
     fused step program, which has no lookup beam, is passed over)."""
     path = build("aoti", lookup_ngram=3, lookup_length=6)
     e = load_engine(path)
-    assert e.options.lookup_ngram == 3 and e.decoder().lookup_ngram == 3
-    assert e.options.lookup_length == 6 and e.decoder().step_length() == 6
+    assert e.options.decode.lookup_ngram == 3 and e.decoder().config.lookup_ngram == 3
+    assert e.options.decode.lookup_length == 6 and e.decoder().config.step_length == 6
     assert e.options.cache_capacity == MAX_SEQ_LEN + 3 * 4 + 6
     eager = greedy(build("eager"))
     assert greedy(path) == eager == greedy(path, speculative=False) == greedy(path, fused_step=True)
@@ -112,7 +112,7 @@ def test_an_aoti_engine_verifying_the_search_tree_decodes_like_eager(build):
     decoding's, and the engine accepts more per step than with its final beams alone."""
     path = build("aoti", tree="search")
     e = load_engine(path)
-    assert e.options.tree == "search" and e.decoder().tree == "search"
+    assert e.options.decode.tree == "search" and e.decoder().config.tree == "search"
     assert e.options.cache_capacity == MAX_SEQ_LEN + 3 * 4
     eager = greedy(build("eager"))
     assert greedy(path) == eager == greedy(path, fused_step=True)
@@ -215,11 +215,11 @@ def test_onnx_step_program_holds_the_plugin_nodes_and_decodes_like_eager(build):
 def test_aoti_engine_samples_through_its_draft_and_forward_programs(build):
     """Sampling steps walk the tree on the host (the step program is greedy only); seeded
     output equals the eager engine's."""
-    from redrafter.runtime.session import SamplingParams, Session
+    from redrafter.runtime.session import SamplingParams
 
     outs = {}
     for backend in ("eager", "aoti"):
-        session = Session.open(build(backend))
+        session = open_session(build(backend))
         try:
             outs[backend] = [o.token_ids for o in session.generate(
                 PROMPTS, SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=5))]
@@ -258,9 +258,9 @@ def test_a_crash_loading_a_compiled_program_ends_the_build_with_a_clear_error(ti
 
 
 def test_session_opens_an_engine(build):
-    from redrafter.runtime.session import SamplingParams, Session
+    from redrafter.runtime.session import SamplingParams
 
-    session = Session.open(build("aoti"))
+    session = open_session(build("aoti"))
     try:
         outs = session.generate(PROMPTS, SamplingParams(max_new_tokens=24))
     finally:
@@ -624,60 +624,67 @@ def test_tensorrt_without_tensorrt_writes_onnx_and_says_what_is_missing(tiny_hf_
 
 
 def test_beams_default_by_device_and_explicit_values_stay():
-    """W1 L2 on the CPU, W4 L4 on CUDA (BENCHMARKS.md); a given value, even an invalid one, is kept."""
-    assert (BuildOptions(output="x").beam_width, BuildOptions(output="x").beam_length) == (1, 2)
-    cuda = BuildOptions(output="x", device="cuda")
-    assert (cuda.beam_width, cuda.beam_length) == (4, 4)
-    assert BuildOptions(output="x", decode=DecodeConfig(beam_width=3)).beam_width == 3
-    with pytest.raises(ValueError, match="beam_width"):
-        BuildOptions(output="x", decode=DecodeConfig(beam_width=0)).validate()
-    with pytest.raises(ValueError, match="unknown tree 'bushy': choose one of beams, search"):
-        BuildOptions(output="x", decode=DecodeConfig(tree="bushy")).validate()
+    """W1 L2 on the CPU, W4 L4 on CUDA (DecodeConfig.for_device); a given setting is kept."""
+    shape = lambda o: (o.decode.beam_width, o.decode.beam_length)  # noqa: E731
+    assert shape(BuildOptions(output="x")) == (1, 2) and shape(BuildOptions(output="x", device="cuda")) == (4, 4)
+    assert BuildOptions(output="x", decode=DecodeConfig(beam_width=3)).decode == DecodeConfig(3, 2)
+    with pytest.raises(ValueError, match="beam_width \\(--beam-width\\) must be an integer >= 1, got 0"):
+        DecodeConfig(beam_width=0)
+    with pytest.raises(ValueError, match="tree='bushy': give one of beams, search"):
+        DecodeConfig(tree="bushy")
 
 
-def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
+def test_an_engine_built_with_defaults_serves_concurrent_requests(tiny_hf_dir, tmp_path):
+    """`redrafter build` without --max-batch-size: 8 slots, so a served engine batches requests."""
+    from redrafter.builder.engine import EngineOptions
+    from redrafter.cli import build_parser, main
+    from redrafter.runtime.session import SamplingParams
+
+    assert build_parser().parse_args(["build", "--output", "x"]).max_batch_size == 8
+    assert BuildOptions(output="x").max_batch_size == EngineOptions().max_batch_size == 8
+    base, drafter = tiny_hf_dir
+    out = tmp_path / "cli-engine"
+    assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(out), "--backend", "eager",
+                 "--max-seq-len", "48", "--no-progress"]) == 0
+    with open_session(out) as s:
+        assert s.max_batch_size == 8
+        outs = s.generate(["Hello there", "Hi", "Write a poem"], SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert [len(o.token_ids) for o in outs] == [6, 6, 6]
+        assert s.metrics()["batch_size"]["max"] == 3  # all three decoded together
+
+
+def test_cli_build_records_the_decode_flags_as_the_engines_limits(tiny_hf_dir, tmp_path):
     from redrafter.cli import main
 
     base, drafter = tiny_hf_dir
     out = tmp_path / "cli-engine"
     assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(out),
                  "--backend", "eager", "--max-seq-len", "32", "--exact-attention", "--lookup", "2",
-                 "--lookup-length", "5", "--no-progress"]) == 0
+                 "--lookup-length", "5", "--tree", "search", "--no-progress"]) == 0
     e = load_engine(out)
     assert e.options.max_seq_len == 32 and e.model.layers[0].attn.work_dtype == torch.float64
-    assert (e.options.beam_width, e.options.beam_length) == (1, 2)  # the CPU's default beam shape
-    assert e.options.lookup_ngram == 2 and e.decoder().lookup_ngram == 2
-    assert e.options.lookup_length == 5 and e.decoder().step_length() == 5
-    assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(tmp_path / "t"),
-                 "--backend", "eager", "--tree", "search", "--max-seq-len", "32", "--no-progress"]) == 0
-    assert load_engine(tmp_path / "t").decoder().tree == "search"
-    assert main(["build", "--base", str(base), "--output", str(tmp_path / "k"), "--lookup-length", "5",
-                 "--no-progress"]) == 2
-    assert "lookup_length must be >= 0 (0: the beam length), with lookup_ngram > 0" in capsys.readouterr().err
-    assert main(["build", "--base", str(base), "--output", str(tmp_path / "z"), "--lookup", "-1",
-                 "--no-progress"]) == 2
-    assert "lookup_ngram must be >= 0 (0: off), got -1" in capsys.readouterr().err
-    assert main(["build", "--base", str(base), "--output", str(tmp_path / "x"), "--backend", "onnx",
-                 "--quantize", "int8", "--no-progress"]) == 2
-    assert "int8" in capsys.readouterr().err
-    assert main(["build", "--base", str(base), "--output", str(tmp_path / "y"), "--backend", "onnx",
-                 "--quantize", "int4", "--no-progress"]) == 2
-    assert "int4" in capsys.readouterr().err
+    # The CPU's default beam shape, with the flags given; the decoder runs the built setting by default.
+    assert e.options.decode == DecodeConfig(1, 2, "search", lookup_ngram=2, lookup_length=5)
+    assert e.decoder().config == e.options.decode and e.decoder().config.step_length == 5
+    assert json.loads((out / "config.json").read_text())["build"]["decode"] == {
+        "beam_width": 1, "beam_length": 2, "tree": "search", "lookup_ngram": 2, "lookup_length": 5}
 
 
-def test_compare_times_each_engine_and_counts_prompts_equal_to_plain(tiny_hf_dir, tmp_path, capsys):
-    """`python -m redrafter.bench.compare` on a tiny eager engine and MT-Bench prompts."""
-    from redrafter.bench import compare
+@pytest.mark.parametrize("flags,message", [
+    (["--lookup-length", "5"], "lookup_length=5 sets the lookup beam's length: give lookup_ngram > 0"),
+    (["--backend", "onnx", "--quantize", "int8"], "int8 engines use torch's weight-only int8 matmul"),
+    (["--backend", "onnx", "--quantize", "int4"], "int4 engines use torch's weight-only int4 matmul"),
+])
+def test_cli_build_refuses_options_that_do_not_go_together(tiny_hf_dir, tmp_path, capsys, flags, message):
+    from redrafter.cli import main
 
-    base, drafter = tiny_hf_dir
-    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager", max_seq_len=512, progress=False, decode=DecodeConfig(beam_width=2, beam_length=3)))
-    out = tmp_path / "compare.json"
-    assert compare.main([str(engine), "--questions", "2", "--max-new-tokens", "6", "--json", str(out)]) == 0
-    rows = {r["system"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"e plain", "e redrafter"}
-    assert rows["e plain"]["tokens_per_step"] == 1.0 and 0 < rows["e plain"]["tokens"] <= 12
-    assert rows["e redrafter"]["equals_plain"] and rows["e redrafter"]["prompts_equal_to_plain"] == 2
-    assert "| e redrafter |" in capsys.readouterr().out
+    base, _ = tiny_hf_dir
+    out = tmp_path / "e"
+    assert main(["build", "--base", str(base), "--output", str(out), "--no-progress", *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):  # argparse: a count below the field's minimum
+        main(["build", "--base", str(base), "--output", str(out), "--lookup", "-1"])
+    assert "argument --lookup: must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_device_check_builds_and_runs_engines_on_the_cpu(tmp_path, capsys):

@@ -36,11 +36,12 @@ def test_generate_json_matches_no_spec(tiny_hf_dir, capsys, lookup):
 
 def test_a_lookup_beam_without_a_drafter_is_refused(capsys):
     assert main(["generate", "--prompt", "Hi", "--no-spec", "--lookup", "3"]) == 2
-    assert "--lookup adds a beam to the drafter's: drop --no-spec or --lookup" in capsys.readouterr().err
+    assert "--no-spec decodes plainly: drop --lookup" in capsys.readouterr().err
     assert main(["generate", "--prompt", "Hi", "--lookup-length", "8"]) == 2
-    assert "--lookup-length sets the lookup beam's length: give --lookup N too" in capsys.readouterr().err
+    assert "lookup_length=8 sets the lookup beam's length: give lookup_ngram > 0 (--lookup N) too" \
+        in capsys.readouterr().err
     assert main(["generate", "--prompt", "Hi", "--no-spec", "--tree", "search"]) == 2
-    assert "--tree chooses what the drafter's beam search verifies: drop --no-spec or --tree" in capsys.readouterr().err
+    assert "--no-spec decodes plainly: drop --tree" in capsys.readouterr().err
 
 
 def test_sampled_generation_is_the_same_with_and_without_drafting(tiny_hf_dir, capsys):
@@ -105,11 +106,12 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
 
 
 def test_counts_below_one_are_refused_naming_the_flag(capsys):
-    for flag in ("--beam-width", "--beam-length", "--max-new-tokens", "--max-seq-len", "--lookup", "--lookup-length"):
+    for flag, least in (("--beam-width", 1), ("--beam-length", 1), ("--max-new-tokens", 1), ("--max-seq-len", 1),
+                        ("--lookup", 0), ("--lookup-length", 0)):
         with pytest.raises(SystemExit) as stop:
-            main(["generate", "--prompt", "Hi", flag, "0"])
+            main(["generate", "--prompt", "Hi", flag, str(least - 1)])
         assert stop.value.code == 2
-        assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+        assert f"argument {flag}: must be >= {least}, got {least - 1}" in capsys.readouterr().err
 
 
 def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, tmp_path, capsys):
@@ -124,7 +126,19 @@ def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, 
     plain = json.loads(capsys.readouterr().out)
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["speculative"] and (spec["beam_width"], spec["beam_length"]) == (2, 3)
-    assert main(args + ["--engine", str(engine), "--base", str(base), "--beam-width", "4", "--lookup", "2",
-                        "--tree", "search"]) == 2
-    assert "--engine fixes the base model, drafter, beam shape, lookup, tree and max_seq_len it was built with: drop " \
-           "--base, --beam-width, --lookup, --tree" in capsys.readouterr().err
+    # The engine's own plain decoding, and a setting within its W2 L3, give the same tokens.
+    assert main(args + ["--engine", str(engine), "--no-spec"]) == 0
+    engine_plain = json.loads(capsys.readouterr().out)
+    assert engine_plain["token_ids"] == plain["token_ids"] and not engine_plain["speculative"]
+    assert engine_plain["steps"] == len(plain["token_ids"]) - 1
+    assert main(args + ["--engine", str(engine), "--beam-width", "1", "--tree", "search"]) == 0
+    within = json.loads(capsys.readouterr().out)
+    assert within["token_ids"] == plain["token_ids"] and within["speculative"]
+    assert (within["beam_width"], within["beam_length"], within["tree"]) == (1, 3, "search")
+    assert main(args + ["--engine", str(engine), "--beam-width", "4"]) == 2
+    assert "W4 L3 (12 tree tokens) exceeds this engine" in capsys.readouterr().err
+    assert main(args + ["--engine", str(engine), "--lookup", "2"]) == 2
+    assert "was built without a lookup beam: drop --lookup, or rebuild with --lookup N" in capsys.readouterr().err
+    assert main(args + ["--engine", str(engine), "--base", str(base), "--max-seq-len", "64"]) == 2
+    assert "--engine fixes the base model, drafter and max_seq_len it was built with: drop --base, --max-seq-len" \
+        in capsys.readouterr().err

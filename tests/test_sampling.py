@@ -232,7 +232,7 @@ def apple_rule_first_token(decoder: Decoder, slots: torch.Tensor, filters: dict,
     token the step emits. Beam drafts are the deterministic top-W paths, not draws from Q,
     so P/Q acceptance does not reproduce P."""
     m, head = decoder.model, decoder.drafter
-    w, l = decoder.beam_width, decoder.beam_length
+    w, l = decoder.config.beam_width, decoder.config.beam_length
     starts = decoder.lengths[slots]
     beams, log_q = beam_search(head, m.embed.weight, None, decoder.hidden[slots], decoder.next_token[slots],
                                w, l, return_log_probs=True)

@@ -324,9 +324,9 @@ def test_adaptive_session_learns_a_shape_and_stays_lossless(tiny):
     model, drafter = tiny
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10]]
     dec = Decoder(model, drafter, max_batch=4, max_seq_len=MAX_SEQ_LEN, decode=DecodeConfig(beam_width=3, beam_length=4))
-    from redrafter.runtime.session import _policy
+    from redrafter.runtime.session import policy_for
 
-    assert _policy("adaptive", 3, 4).candidates == ((1, 1), (1, 2), (1, 4), (3, 4))
+    assert policy_for("adaptive", DecodeConfig(3, 4)).candidates == ((1, 1), (1, 2), (1, 4), (3, 4))
     policy = MeasuredBeamPolicy(((1, 1), (1, 2), (1, 4), (3, 4)), margin=1.0, prune=False)  # every shape runs
     with Session(dec, beam_policy=policy) as s:
         outs = s.generate(prompts, SamplingParams(max_new_tokens=30))
@@ -473,20 +473,29 @@ def test_text_prompts_use_the_chat_template_and_stream_text(text_session):
     assert "".join(d.text for d in deltas) == by_text.text != ""
 
 
-def test_session_open_serves_a_built_engine(tiny_hf_dir, tmp_path):
+def test_open_session_serves_a_built_engine_at_any_setting_within_its_limits(tiny_hf_dir, tmp_path):
     from redrafter.builder.build import BuildOptions, build_engine
-    from redrafter.builder.engine import load_engine
+    from redrafter.builder.engine import load_engine, open_session
 
     base, drafter = tiny_hf_dir
     path = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager", max_batch_size=2, max_seq_len=64, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4)))
     e = load_engine(path)
     prompt = e.encode_chat("Hello there")
     ref = generate(e.decoder(decode=DecodeConfig.plain()), [prompt], 16, e.eos_ids)[0].token_ids
-    with Session.open(path) as s:
+    with open_session(path) as s:
         assert s.max_batch_size == 2 and s.max_seq_len == 64
         assert s.generate("Hello there", SamplingParams(max_new_tokens=16))[0].token_ids == ref
         with pytest.raises(ValueError, match="max_seq_len 64"):
             s.generate("Hello there", SamplingParams(max_new_tokens=60))
+    # Smaller trees than the built W3 L4 (6 <= 12 tokens), and plain decoding, give the same tokens.
+    for decode, speculative in ((DecodeConfig(2, 3, "search"), True), (DecodeConfig.plain(), False)):
+        with open_session(path, decode=decode) as s:
+            assert s.decoder.config == decode and s.decoder.speculative == speculative
+            assert s.generate("Hello there", SamplingParams(max_new_tokens=16))[0].token_ids == ref
+    with pytest.raises(ValueError, match=r"W4 L4 \(16 tree tokens\) exceeds this engine .* limit of 12"):
+        open_session(path, decode=DecodeConfig(4, 4))
+    with pytest.raises(ValueError, match="was built without a lookup beam"):
+        open_session(path, decode=DecodeConfig(2, 2, lookup_ngram=2))
 
 
 @pytest.mark.slow

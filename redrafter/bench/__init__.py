@@ -1,7 +1,9 @@
 """`redrafter bench`: ReDrafter against plain decoding and peer engines, same prompts, same run.
 
 Plain decoding is the engine's own decoder without a drafter, so the speedup isolates
-drafting. Systems take turns prompt group by prompt group (the order rotates each group),
+drafting. Several --engine take turns in one rotation (engines of one base model's tokenizer),
+each checked against its own plain decoding; an engine with a step program is also measured
+with it ("fused") and with its draft and forward programs ("unfused"). Systems take turns prompt group by prompt group (the order rotates each group),
 so load from other processes on a shared machine falls on all of them alike. Every
 output of ours must equal plain decoding token for token (greedy; or sampled with the
 same per-prompt seed); a mismatch is reported and makes the command exit 1.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 from ..cli import positive_int
 
@@ -44,7 +47,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="measure ReDrafter against plain decoding and peers (speed, acceptance, identical outputs)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", help="engine directory from `redrafter build` (instead of --base/--drafter)")
+    p.add_argument("--engine", action="append", help="engine directory from `redrafter build` (instead of "
+                                                     "--base/--drafter); give several to compare them")
     p.add_argument("--base", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct); "
                                   "with --engine, the model the peers run")
     p.add_argument("--drafter", help="drafter dir, 'default' (our shipped drafter) or 'none' (plain and peers only)")
@@ -100,11 +104,15 @@ def run(args: argparse.Namespace) -> int:
         notes.append(f"{args.dataset} has {len(texts)} prompts; --questions {args.questions} asked for more")
     from redrafter.runtime.config import given, sweep_from_args
 
-    target = open_target(args.engine, args.base, args.drafter, sweep_from_args(args, args.device or "cpu"),
-                         bool(given(args)), args.batch_sizes, args.device)
+    configs = sweep_from_args(args, args.device or "cpu")
+    targets = [open_target(e, args.base, args.drafter, configs, bool(given(args)), args.batch_sizes, args.device,
+                           Path(e).name if len(args.engine) > 1 else "") for e in args.engine or [None]]
+    target = targets[0]
     prompts = [target.encode_chat(t) for t in texts]
+    if any(t.encode_chat(texts[0]) != prompts[0] for t in targets):
+        raise ValueError("the engines tokenize prompts differently: compare engines of one base model")
     load_before = report.load_average()
-    results, reference = measure(target, prompts, args.max_new_tokens, args.batch_sizes, args.peers, args.base,
+    results, reference = measure(targets, prompts, args.max_new_tokens, args.batch_sizes, args.peers, args.base,
                                  threads, args.temperature, args.seed, notes)
     failures = [(r, m) for r in results for m in (r["mismatches"] or [])]
     mode = "greedy" if args.temperature == 0 else f"sampled (T={args.temperature}, seed {args.seed}+i)"
@@ -112,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     settings = {**target.settings, "dataset": args.dataset, "questions": len(prompts),
                 "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_sizes,
                 "configs": [list(c.to_json().values()) for c in target.configs],
+                **({"engines": [t.settings for t in targets]} if len(targets) > 1 else {}),
                 "temperature": args.temperature, "seed": args.seed, "peers": args.peers, "threads": threads,
                 "reference": f"our plain {mode} decoding at batch {args.batch_sizes[0]}"}
     machine = report.machine_info(threads) | {"load_average_before": load_before}
@@ -127,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         report.write_json(args.json_out, out)
     if args.plot:
-        name = f"engine {args.engine}" if args.engine else f"{settings['base']} + drafter {settings['drafter']}"
+        name = f"engine {', '.join(args.engine)}" if args.engine else f"{settings['base']} + drafter {settings['drafter']}"
         report.write_plot(args.plot, results, f"{name}: {len(prompts)} {args.dataset} prompts x {args.max_new_tokens}"
                           f" new tokens, {mode}; {machine['cpu']}, threads={threads}, {machine['date'][:10]}")
     for r, m in failures:
@@ -137,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[int], peers: list[str],
+def measure(targets, prompts: list[list[int]], max_new: int, batch_sizes: list[int], peers: list[str],
             base: str | None, threads: int, temperature: float, seed: int,
             notes: list[str]) -> tuple[list[dict], list[list[int]]]:
     """Run every system on every prompt group, taking turns; then `summarize`."""
@@ -145,10 +154,17 @@ def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[in
 
     from .systems import HFSystem, OursSystem, SessionSystem
 
-    def our_system(name: str, decoder, b: int):
-        if temperature > 0:
-            return SessionSystem(name, decoder, b, target.eos_ids, temperature)
-        return OursSystem(name, decoder, b, target.eos_ids)
+    def our_systems(t, b: int) -> list:
+        made = []
+        for name, config, fused in [("plain", None, None)] + [("redrafter", c, f) for c in t.configs for f in t.fused]:
+            decoder = t.new_decoder(b, config, max_seq, fused)
+            s = (SessionSystem(name, decoder, b, t.eos_ids, temperature) if temperature > 0
+                 else OursSystem(name, decoder, b, t.eos_ids))
+            s.group, s.variant = t.name, {None: "", True: "fused", False: "unfused"}[fused]
+            made.append(s)
+        return made
+
+    target = targets[0]
 
     max_seq = max(len(p) for p in prompts) + max_new
     hf_model = HFSystem.load(target.hf_dir, target.device) if "hf" in peers else None
@@ -171,13 +187,12 @@ def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[in
 
     runs: dict[tuple[str, int], list] = defaultdict(list)  # (label, batch) -> [(prompt indices, Run)]
     systems_by_key = {}
-    n_systems = {b: 1 + len(target.configs) + (hf_model is not None) + (llama is not None and b == 1)
-                 for b in batch_sizes}
+    n_systems = {b: sum(1 + len(t.configs) * len(t.fused) for t in targets) + (hf_model is not None)
+                 + (llama is not None and b == 1) for b in batch_sizes}
     with tqdm(total=sum(n * -(-len(prompts) // b) for b, n in n_systems.items()), desc="bench", unit="run",
               file=sys.stderr) as bar:
         for b in batch_sizes:
-            systems = [our_system("plain", target.new_decoder(b, None, max_seq), b)]
-            systems += [our_system("redrafter", target.new_decoder(b, config, max_seq), b) for config in target.configs]
+            systems = [s for t in targets for s in our_systems(t, b)]
             if hf_model is not None:
                 systems.append(HFSystem(hf_model, b, target.eos_ids, pad, temperature))
             if llama is not None and b == 1:
@@ -198,8 +213,8 @@ def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[in
 
 
 def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tuple[list[dict], list[list[int]]]:
-    """One figure dict per (label, batch) of `runs`, with speedups against plain decoding at the
-    same batch size and output checks against plain decoding at the first batch size."""
+    """One figure dict per (label, batch) of `runs`, with speedups against plain decoding (of the same
+    engine; peers: of the first) at the same batch size and output checks against it at the first batch size."""
     from .metrics import agreement, figures, mismatches
 
     def outputs(key) -> list[list[int]]:
@@ -209,14 +224,17 @@ def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tu
                 out[i] = o
         return out
 
-    reference = outputs(("plain", first_batch))
+    first = next(s.group for s in systems.values() if s.name == "plain")
+    plain_label = lambda group: f"{group} plain".lstrip()  # noqa: E731
     results = []
     for key, system in systems.items():
         label, b = key
         ours = system.name in ("plain", "redrafter")
+        group = system.group if ours else first
+        reference = outputs((plain_label(group), first_batch))
         fig = figures([r for _, r in runs[key]],
                       (system.step_length - 1) if system.name == "redrafter" else (0 if ours else None))
-        plain = figures([r for _, r in runs[("plain", b)]], 0)
+        plain = figures([r for _, r in runs[(plain_label(group), b)]], 0)
         entry = {"system": system.name, "label": label, "batch_size": b, "beam_width": system.beam_width,
                  "beam_length": system.beam_length, "lookup_ngram": system.lookup_ngram,
                  "step_length": system.step_length, "tree": system.tree, **fig,
@@ -229,8 +247,8 @@ def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tu
             entry["identical"], entry["mismatches"] = not bad, bad
         else:
             entry["agreement"] = agreement(reference, outputs(key))
-        results.append(entry)
-    return results, reference
+        results.append(entry | ({"engine": group} if group else {}))
+    return results, outputs((plain_label(first), first_batch))
 
 
 def _llamacpp(base: str | None, n_ctx: int, threads: int, eos: list[int], temperature: float):

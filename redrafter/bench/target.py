@@ -5,7 +5,7 @@ ReDrafter decoders, so the speedup compares one model's two decoding modes.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,20 +19,23 @@ class Target:
     eos_ids: list[int]
     encode_chat: Callable[[str], list[int]]
     configs: list[DecodeConfig]  # ReDrafter settings to measure (empty without a drafter)
-    new_decoder: Callable[[int, DecodeConfig | None, int], Decoder]  # (batch, config or None = plain, max_seq_len)
+    # (batch, config or None = plain, max_seq_len, fused: an engine's step program; None: its default)
+    new_decoder: Callable[[int, DecodeConfig | None, int, bool | None], Decoder]
     hf_dir: Path  # the HF checkpoint the transformers peer runs
     device: Any  # torch.device of the model under test (the HF peer runs there too)
     settings: dict  # what was loaded, for the JSON report
+    name: str = ""  # the engine's name, where several are compared
+    fused: list[bool | None] = field(default_factory=lambda: [None])  # each config is measured with each
 
 
 def open_target(engine: str | None, base: str | None, drafter: str | None, configs: list[DecodeConfig],
-                given: bool, batch_sizes: list[int], device: str | None) -> Target:
+                given: bool, batch_sizes: list[int], device: str | None, name: str = "") -> Target:
     """configs: the settings to measure (`given`: chosen on the command line; else the defaults,
     which an engine replaces by its built setting)."""
     if engine:
         if drafter:
             raise ValueError("--engine brings its own drafter: drop --drafter (or bench --base/--drafter instead)")
-        return _engine_target(engine, base, configs if given else None, batch_sizes, device)
+        return _engine_target(engine, base, configs if given else None, batch_sizes, device, name)
     from redrafter.runtime.pipeline import default_drafter_dir, load
 
     drafter = None if drafter == "none" else (drafter or "default")
@@ -42,7 +45,7 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, confi
     loaded = load(base or "default", drafter, device=device or "cpu")
     configs = configs if loaded.drafter else []
 
-    def new_decoder(batch: int, config: DecodeConfig | None, max_seq_len: int) -> Decoder:
+    def new_decoder(batch: int, config: DecodeConfig | None, max_seq_len: int, fused: bool | None) -> Decoder:
         return Decoder(loaded.model, loaded.drafter if config else None, config, max_batch=batch,
                        max_seq_len=max_seq_len)
 
@@ -55,7 +58,7 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, confi
 
 
 def _engine_target(path: str, base: str | None, configs: list[DecodeConfig] | None, batch_sizes: list[int],
-                   device: str | None) -> Target:
+                   device: str | None, name: str) -> Target:
     from redrafter.builder.engine import load_engine
     from redrafter.runtime.loading import resolve_base
 
@@ -68,12 +71,13 @@ def _engine_target(path: str, base: str | None, configs: list[DecodeConfig] | No
         raise ValueError(f"batch size {max(batch_sizes)} exceeds the engine's max batch size {o.max_batch_size}: "
                          "rebuild it with a larger --max-batch-size")
 
-    def new_decoder(batch: int, config: DecodeConfig | None, max_seq_len: int) -> Decoder:
+    def new_decoder(batch: int, config: DecodeConfig | None, max_seq_len: int, fused: bool | None) -> Decoder:
         # The engine fixes max_seq_len at build time; `generate` rejects prompts that do not fit.
-        return engine.decoder(batch, config or DecodeConfig.plain())
+        return engine.decoder(batch, config or DecodeConfig.plain(), fused_step=fused)
 
     settings = {"engine": str(path), "base": base or "default", "drafter": "engine" if engine.drafter else None,
                 "drafter_config": engine.config.get("drafter"), "engine_build": engine.config["build"],
                 "dtype": o.dtype, "device": str(engine.model.embed.weight.device)}
-    return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, configs,
-                  new_decoder, resolve_base(base or "default"), engine.model.embed.weight.device, settings)
+    fused = [False, True] if engine.drafter and engine.programs().step is not None else [None]
+    return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, configs, new_decoder,
+                  resolve_base(base or "default"), engine.model.embed.weight.device, settings, name, fused)
