@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from redrafter.runtime.atomic import replace_dir
+from redrafter.runtime.atomic import atomic_dir
 from redrafter.runtime.config import DecodeConfig
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
@@ -84,17 +84,10 @@ def build_engine(options: BuildOptions) -> Path:
     if opts.backend in ("onnx", "tensorrt") and opts.quantize != "none":
         raise ValueError(f"{opts.quantize} engines use torch's weight-only {opts.quantize} matmul, which has no "
                          f"ONNX export: use --backend aoti or eager with --quantize {opts.quantize}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         missing_trt = _build_into(tmp, options, opts)
         _fsync_tree(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if missing_trt:
         from .tensorrt import TensorRTUnavailable, unavailable_message
 
@@ -306,8 +299,8 @@ def _check_output(out: Path) -> None:
 
 def _remove_stale(out: Path) -> None:
     """Remove temporary directories of builds of `out` that were killed (SIGKILL skips cleanup)."""
-    for tmp in out.parent.glob(f".{out.name}.building-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
         if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -331,11 +324,3 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out (an existing engine or empty dir at out swapped out and removed), durably."""
-    replace_dir(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

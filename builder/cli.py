@@ -7,8 +7,7 @@ import argparse
 def register(subparsers) -> None:
     from redrafter.runtime import config
 
-    from . import BACKENDS, DTYPE_NAMES, QUANTIZE
-    from .engine import EngineOptions
+    from . import BACKENDS, DTYPE_NAMES, MAX_BATCH_SIZE, QUANTIZE
 
     p = subparsers.add_parser("build", help="build an engine directory (weights, tokenizer, compiled programs)",
                               description=__doc__)
@@ -21,7 +20,7 @@ def register(subparsers) -> None:
                         "channel; CPU and GPU) or int4 (groups of 32, as llama.cpp's Q4_1; CPU only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the engine runs (compiled programs are device-specific)")
     p.add_argument("--backend", default="aoti", choices=list(BACKENDS))
-    p.add_argument("--max-batch-size", type=int, default=EngineOptions.max_batch_size,
+    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
                    help="concurrent requests the engine serves (default %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + completion, in tokens")
     p.add_argument("--plugin-ops", action="store_true",

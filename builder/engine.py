@@ -35,7 +35,7 @@ from redrafter.runtime.decoding import Decoder
 from redrafter.runtime.drafter import DraftHead, DrafterConfig
 from redrafter.runtime.model import Llama, LlamaConfig, rope_inv_freq
 
-from . import BACKENDS, DTYPE_NAMES, QUANTIZE
+from . import BACKENDS, DTYPE_NAMES, MAX_BATCH_SIZE, QUANTIZE
 
 FORMAT = "redrafter-engine"
 SCHEMA_VERSION = 1
@@ -52,10 +52,7 @@ class EngineOptions:
     """Build options recorded in config.json["build"]. `decode`: the engine's built limits (its draft
     and step programs' setting; the cache holds its tree), any setting within which runs."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    # Concurrent requests: a served engine batches up to this many. Each slot's cache is allocated
-    # when a decoder opens (SmolLM2 fp32 at 2048 tokens: about 95 MB a slot); the programs' batch
-    # dimension is dynamic above 1, so a larger maximum costs no compile time.
-    max_batch_size: int = 8
+    max_batch_size: int = MAX_BATCH_SIZE
     max_seq_len: int = 2048
     dtype: str = "float32"
     quantize: str = "none"
@@ -213,6 +210,8 @@ class Engine:
         self.options = EngineOptions.from_json(config["build"])
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
         self._programs: Programs | None = None
+        # The setting the programs were built for and the cache holds: the limits of any decoder's.
+        self.built = self.options.decode if drafter is not None else DecodeConfig.plain()
 
     @property
     def eos_ids(self) -> list[int]:
@@ -235,18 +234,15 @@ class Engine:
         decode: any setting within the engine's built one (default: that one; DecodeConfig.plain():
         plain decoding of the same engine, the baseline). Other settings than the built one draft
         with the eager beam search (the draft program holds the built W, L and tree).
-        fused_step: run greedy steps as the step program (where the engine has one). None:
-        on CUDA only. On this project's CPU it is no faster than the draft program + host
-        packing + the forward program (BENCHMARKS.md): the host work it removes is ~2 ms of a
-        65 ms step, and it attends over the whole cache. On a GPU it removes the host round
-        trips of every step (not measured: no GPU was available)."""
+        fused_step: run greedy steps as the step program (where the engine has one). None: on CUDA
+        only. On a CPU the host work it removes is a small part of a step, and it attends over the
+        whole cache, so it is no faster (BENCHMARKS.md); on a GPU it removes every step's host round trips."""
         o = self.options
         n = max_batch_size or o.max_batch_size
         if n > o.max_batch_size:
             raise ValueError(f"max_batch_size {n} exceeds the engine's {o.max_batch_size}: "
                              "rebuild with a larger --max-batch-size")
-        built = o.decode if self.drafter is not None else DecodeConfig.plain()
-        decode = decode or built
+        built, decode = self.built, decode or self.built
         decode.check_within(built, f"this engine ({self.path})")
         speculative = decode.speculative and self.drafter is not None
         programs = self.programs()
@@ -358,9 +354,9 @@ def open_session(engine_dir: str | os.PathLike, *, max_batch_size: int | None = 
     from redrafter.runtime.session import Session, policy_for
 
     engine = load_engine(engine_dir)
-    built = engine.options.decode if engine.drafter is not None else DecodeConfig.plain()
-    policy = policy_for(beam_policy, decode or built)
-    decoder = engine.decoder(max_batch_size, (decode or built).with_shape(*policy.largest_shape))
+    decode = decode or engine.built
+    policy = policy_for(beam_policy, decode)
+    decoder = engine.decoder(max_batch_size, decode.with_shape(*policy.largest_shape))
     return Session(decoder, engine.tokenizer, engine.eos_ids, beam_policy=policy,
                    prefill_token_budget=prefill_token_budget)
 

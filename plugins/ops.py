@@ -253,9 +253,6 @@ class PluginSteps(Steps):
     """A decoder's stages through the redrafter:: ops (Triton kernels on CUDA, the runtime's code
     elsewhere): draft, pack, attention and commit."""
 
-    def __init__(self, model: Llama):
-        super().__init__(model)
-
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor, starts: Tensor,
                 tree_mask: Tensor) -> Tensor:
         Llama.check_span(starts, tokens.shape[1], cache)

@@ -1,5 +1,5 @@
-"""Atomic writes: a file or directory is written under a temporary name beside its place and
-renamed there only when complete, so a reader (or a run killed half-way) never sees a partial one."""
+"""Atomic writes: a file or directory is written under a temporary name beside its place and renamed
+there when complete, so a reader (or a run killed half-way) never sees a partial one."""
 from __future__ import annotations
 
 import os
@@ -14,10 +14,11 @@ from typing import Iterator
 def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; when the block ends it becomes `path`
     (replace=False: unless `path` exists by then, e.g. written by another process). A failure or
-    interruption (KeyboardInterrupt included) removes it."""
+    interruption (KeyboardInterrupt included) removes it; its name holds the writer's pid, so that
+    what a killed writer left can be told from a live one's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         if replace or not path.exists():
@@ -31,7 +32,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
 
 def replace_dir(tmp: Path, path: Path) -> None:
     """Rename the finished directory `tmp` to `path`; a directory at `path` is swapped out first and
-    removed after, so `path` always holds one whole version."""
+    removed after, so `path` always holds one whole version; the rename is made durable (fsync)."""
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         shutil.rmtree(old, ignore_errors=True)
@@ -40,6 +41,11 @@ def replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

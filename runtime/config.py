@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser, sweep: bool = False, plain: b
     group = parser.add_argument_group("decoding (DecodeConfig)")
     for f in fields(DecodeConfig):
         many = sweep and f.name != "lookup_length"
-        group.add_argument(f.metadata["flag"], dest=f.name, type=_parser(f, many), default=None,
+        group.add_argument(f.metadata["flag"], dest=f.name, type=_parser(f.name, f.metadata["minimum"], many), default=None,
                            metavar=f.metadata["metavar"] + (",..." if many else ""),
                            help=f"{f.metadata['help']} (default {f.default}{'; cuda: 4' if 'beam' in f.name else ''})")
     if plain:
@@ -159,9 +159,14 @@ def sweep_from_args(args: argparse.Namespace, device: Any = "cpu") -> list[Decod
     return out
 
 
-def _parser(f: Any, many: bool) -> Any:
+def counts(minimum: int, many: bool = True) -> Any:
+    """An argparse type: comma-separated integers >= minimum, sorted (many), or one."""
+    return _parser("", minimum, many)
+
+
+def _parser(name: str, minimum: int, many: bool) -> Any:
     def one(text: str) -> int | str:
-        if f.name == "tree":
+        if name == "tree":
             if text not in TREES:
                 raise argparse.ArgumentTypeError(f"expected {' or '.join(TREES)}, got {text!r}")
             return text
@@ -169,8 +174,8 @@ def _parser(f: Any, many: bool) -> Any:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < f.metadata["minimum"]:
-            raise argparse.ArgumentTypeError(f"must be >= {f.metadata['minimum']}, got {value}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
 
     def parse(text: str) -> Any:
@@ -179,5 +184,5 @@ def _parser(f: Any, many: bool) -> Any:
         items = list(dict.fromkeys(one(t.strip()) for t in text.split(",") if t.strip()))
         if not items:
             raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
-        return items if f.name == "tree" else sorted(items)
+        return items if name == "tree" else sorted(items)
     return parse

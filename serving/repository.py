@@ -38,8 +38,7 @@ class ModelSource:
     # runs any setting within its built one.
     decode: DecodeConfig | None = None
     # "adaptive": plain decoding and beam shapes up to W x L, the fastest per batch size as measured
-    # (runtime/scheduler.py); on this project's CPU, over plain and W1 L2, 1.17x plain decoding at
-    # batch 1 and 0.98-0.99x at batch 2-8, where fixed W1 L2 fell to 0.90x (BENCHMARKS.md).
+    # (runtime/scheduler.py): on a CPU a fixed shape loses to plain decoding at larger batches.
     beam_policy: str = "adaptive"
 
     def __post_init__(self) -> None:

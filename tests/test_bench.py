@@ -208,15 +208,16 @@ def test_plain_only_without_a_drafter(tiny_hf_dir, prompt_file, tmp_path):
 # ---- bad input: clear errors before any model loads ----
 
 @pytest.mark.parametrize("args, message", [
-    (["--beam-width", "0"], "beam width W must be >= 1"),
-    (["--beam-width", "2,x"], "expected comma-separated integers"),
-    (["--beam-length", "1"], "beam length L (it counts the guaranteed token) must be >= 2"),
-    (["--batch-sizes", "0,2"], "batch sizes must be >= 1"),
-    (["--lookup", "-1"], "lookup n-gram must be >= 0"),
-    (["--lookup-length", "0"], "must be >= 1"),
+    (["--beam-width", "0"], "argument --beam-width: must be >= 1, got 0"),
+    (["--beam-width", "2,x"], "argument --beam-width: expected an integer, got 'x'"),
+    (["--beam-length", "2,0"], "argument --beam-length: must be >= 1, got 0"),
+    (["--batch-sizes", "0,2"], "argument --batch-sizes: must be >= 1, got 0"),
+    (["--batch-sizes", ","], "argument --batch-sizes: expected a comma-separated list, got ','"),
+    (["--lookup", "-1"], "argument --lookup: must be >= 0, got -1"),
+    (["--lookup-length", "-1"], "argument --lookup-length: must be >= 0, got -1"),
     (["--questions", "0"], "must be >= 1"),
     (["--peers", "vllm"], "unknown peer(s) ['vllm']"),
-    (["--tree", "beams,bushy"], "expected a comma-separated list of beams, search, got 'beams,bushy'"),
+    (["--tree", "beams,bushy"], "argument --tree: expected beams or search, got 'bushy'"),
 ])
 def test_bad_arguments_are_rejected_by_the_parser(args, message, capsys):
     with pytest.raises(SystemExit) as e:

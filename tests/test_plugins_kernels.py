@@ -222,8 +222,8 @@ def test_decoder_with_triton_kernels_commits_accepted_drafts(kernels_on_cpu, mon
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "redrafter.plugins.gpu_check", "--device", "cpu", "--tiny",
-                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "redrafter.builder.gpu_check", "--kernels", "--device", "cpu",
+                           "--tiny", "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| op | shape |" in proc.stdout
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -235,10 +235,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 def test_gpu_check_refuses_cpu_without_the_interpreter(monkeypatch, capsys):
-    from redrafter.plugins import gpu_check
+    from redrafter.builder import gpu_check
 
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert gpu_check.main(["--device", "cpu", "--tiny"]) == 2
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert gpu_check.main(["--kernels", "--device", "cpu", "--tiny"]) == 2
     assert "set TRITON_INTERPRET=1" in capsys.readouterr().err
 
 
@@ -246,7 +246,7 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
     """The interpreter skips Triton's compiler; this runs it (to a cubin, via the bundled ptxas)
     for sm_90, in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-m", "redrafter.plugins.gpu_check", "--compile-only", "90"],
+    proc = subprocess.run([sys.executable, "-m", "redrafter.builder.gpu_check", "--compile-only", "90"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

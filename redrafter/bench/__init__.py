@@ -21,18 +21,6 @@ DATASETS = ("mtbench", "sharegpt")
 PEERS = ("hf", "llamacpp")
 
 
-def _int_list(what: str, minimum: int):
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers for {what}, got {text!r}") from None
-        if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {text!r}")
-        return sorted(set(values))
-    return parse
-
-
 def _peer_list(text: str) -> list[str]:
     peers = [] if text == "none" else [p.strip() for p in text.split(",") if p.strip()]
     unknown = sorted(set(peers) - set(PEERS))
@@ -56,7 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--questions", type=positive_int, default=10, metavar="N",
                    help="number of prompts (default 10)")
     p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="default 128")
-    p.add_argument("--batch-sizes", type=_int_list("batch sizes", 1), default=[1], metavar="B,...",
+    p.add_argument("--batch-sizes", type=config.counts(1), default=[1], metavar="B,...",
                    help="prompts decoded together in lockstep (default 1)")
     # Lists: every combination is measured; with --engine, settings within its built one (default: that one).
     config.add_arguments(p, sweep=True, plain=False)
