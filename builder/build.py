@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -84,7 +83,6 @@ def build_engine(options: BuildOptions) -> Path:
     if opts.backend in ("onnx", "tensorrt") and opts.quantize != "none":
         raise ValueError(f"{opts.quantize} engines use torch's weight-only {opts.quantize} matmul, which has no "
                          f"ONNX export: use --backend aoti or eager with --quantize {opts.quantize}")
-    _remove_stale(out)
     with atomic_dir(out) as tmp:
         missing_trt = _build_into(tmp, options, opts)
         _fsync_tree(tmp)
@@ -295,24 +293,6 @@ def _check_output(out: Path) -> None:
         if from_json.get("format") != "redrafter-engine":
             raise ValueError(f"output {str(out)!r} holds a config.json that is not a redrafter engine's: "
                              "choose another --output")
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove temporary directories of builds of `out` that were killed (SIGKILL skips cleanup)."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.removeprefix(f".{out.name}.tmp-").split("-")[0]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_tree(root: Path) -> None:

@@ -38,15 +38,14 @@ NAMESPACE = "redrafter"
 # decoder passes the same weights at every step, and building the head (a module on the meta device,
 # then load_state_dict) on every call cost more than a small model's draft. The head holds its
 # tensors, so a key's storage cannot be freed and reused while it is cached.
-_HEADS: dict[tuple, DraftHead] = {}
-_MAX_HEADS = 8
+_HEADS: dict[tuple, DraftHead] = {}  # at most 8
 
 
 def _draft_head(*tensors: Optional[Tensor] | list[Tensor]) -> DraftHead:
     flat = [t for x in tensors for t in (x if isinstance(x, list) else [x])]
     key = tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in flat)
     if key not in _HEADS:
-        if len(_HEADS) >= _MAX_HEADS:
+        if len(_HEADS) >= 8:
             _HEADS.pop(next(iter(_HEADS)))
         _HEADS[key] = _new_draft_head(*tensors)
     return _HEADS[key]

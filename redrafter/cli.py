@@ -13,16 +13,6 @@ if TYPE_CHECKING:
     from redrafter.runtime.session import Session
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from redrafter.runtime import config
 
@@ -95,14 +85,16 @@ SUBCOMMANDS: list[str] = ["redrafter.bench", "redrafter.training.cli", "redrafte
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from redrafter.runtime.config import counts
+
     parser = argparse.ArgumentParser(prog="redrafter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         importlib.import_module(module).register(sub)
     g = sub.add_parser("generate", help="generate a completion for one prompt (streamed)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=positive_int, default=128)
-    g.add_argument("--max-seq-len", type=positive_int,
+    g.add_argument("--max-new-tokens", type=counts(1, many=False), default=128)
+    g.add_argument("--max-seq-len", type=counts(1, many=False),
                    help="prompt + generated tokens the session holds (default 2048)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: exact sampling")
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")

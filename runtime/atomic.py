@@ -15,37 +15,43 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; when the block ends it becomes `path`
     (replace=False: unless `path` exists by then, e.g. written by another process). A failure or
     interruption (KeyboardInterrupt included) removes it; its name holds the writer's pid, so that
-    what a killed writer left can be told from a live one's."""
+    what a killed writer (SIGKILL skips cleanup) left is removed by the next one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = stale.name.removeprefix(f".{path.name}.tmp-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
-        if replace or not path.exists():
-            replace_dir(tmp, path)
-        else:
+        if path.exists() and not replace:
             shutil.rmtree(tmp)
+            return
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():  # swapped out first, removed after: `path` always holds one whole version
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+        fd = os.open(path.parent, os.O_RDONLY)  # the rename, durably
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def replace_dir(tmp: Path, path: Path) -> None:
-    """Rename the finished directory `tmp` to `path`; a directory at `path` is swapped out first and
-    removed after, so `path` always holds one whole version; the rename is made durable (fsync)."""
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+def _alive(pid: int) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager

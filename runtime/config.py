@@ -52,13 +52,11 @@ class DecodeConfig:
                              "> 0 (--lookup N) too, or lookup_length 0")
 
     @classmethod
-    def for_device(cls, device: Any = "cpu", **given: Any) -> "DecodeConfig":
-        """The device's default beam shape with `given` fields on top (None: the default). On a CPU
-        W1 L2: a step's cost grows with every verified token, so one drafted token pays best
-        (BENCHMARKS.md); on a GPU verifying 16 tokens costs about what 1 does, so W4 L4."""
-        cuda = str(device).startswith("cuda")
-        defaults = {"beam_width": 4, "beam_length": 4} if cuda else {}
-        return cls(**(defaults | {k: v for k, v in given.items() if v is not None}))
+    def for_device(cls, device: Any = "cpu") -> "DecodeConfig":
+        """The device's default. On a CPU W1 L2: a step's cost grows with every verified token, so
+        one drafted token pays best (BENCHMARKS.md); on a GPU verifying 16 tokens costs about what 1
+        does, so W4 L4."""
+        return cls(4, 4) if str(device).startswith("cuda") else cls()
 
     @classmethod
     def plain(cls) -> "DecodeConfig":
@@ -87,6 +85,9 @@ class DecodeConfig:
     def with_shape(self, width: int, length: int) -> "DecodeConfig":
         return replace(self, beam_width=width, beam_length=length)
 
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def check_within(self, limits: "DecodeConfig", what: str = "the engine") -> None:
         """Raise unless a decoder built for `limits` can run this setting: its tree fits the cache's
         scratch area and a lookup beam has the token history kept for it. Plain decoding always fits."""
@@ -98,9 +99,6 @@ class DecodeConfig:
             raise ValueError(f"W{self.beam_width} L{self.beam_length} ({self.tree_tokens} tree tokens) exceeds "
                              f"{what}'s limit of {limits.tree_tokens} (built for W{limits.beam_width} "
                              f"L{limits.beam_length}): choose a smaller beam shape, or rebuild with a larger one")
-
-    def to_json(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "DecodeConfig":

@@ -55,7 +55,7 @@ class Steps:
     decoder is made: nothing below it asks which one runs."""
 
     def __init__(self, model: Llama):
-        self.model = model
+        self.model = model  # its embedding and LM head serve every implementation
 
     def new_cache(self, slots: int, capacity: int) -> KVCache:
         return self.model.new_cache(slots, capacity)
@@ -68,9 +68,8 @@ class Steps:
     def draft(self, head: DraftHead, base_head: Tensor | None, context: Tensor, first: Tensor,
               config: DecodeConfig) -> Tensor:
         """Beams [B, W, L] (the search tree: [B, W(L-1), L]) from (hidden, guaranteed token)."""
-        beams, _ = beam_search(head, self.model.embed.weight, base_head, context, first, config.beam_width,
-                               config.beam_length, keep_prefixes=config.keep_prefixes)
-        return beams
+        return beam_search(head, self.model.embed.weight, base_head, context, first, config.beam_width,
+                           config.beam_length, keep_prefixes=config.keep_prefixes)[0]
 
     def pack(self, beams: Tensor) -> PackedBeams:
         return pack_beams(beams)

@@ -171,10 +171,9 @@ class Session:
              max_batch_size: int = 8, max_seq_len: int = 2048, decode: DecodeConfig | None = None, *,
              beam_policy: Policy | str | None = None, dtype: torch.dtype = torch.float32,
              device: str = "cpu", prefill_token_budget: int = 8192) -> "Session":
-        """A session over a base model and drafter (None: plain decoding). decode None: the device's
-        default (DecodeConfig.for_device: W1 L2 on a CPU, W4 L4 on a GPU). beam_policy: None (always
-        decode's W x L), "adaptive" (a MeasuredBeamPolicy over shapes up to W x L, plain decoding
-        included) or a policy object. An engine's session: builder.engine.open_session."""
+        """A session over a base model and drafter (None: plain decoding); decode None: the device's
+        default. beam_policy: None (always decode's W x L), "adaptive" (a MeasuredBeamPolicy over shapes
+        up to W x L, plain decoding included) or a policy object. Engines: builder.engine.open_session."""
         from .pipeline import load
 
         loaded = load(base, drafter, dtype=dtype, device=device)

@@ -15,7 +15,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ..cli import positive_int
 
 DATASETS = ("mtbench", "sharegpt")
 PEERS = ("hf", "llamacpp")
@@ -41,9 +40,9 @@ def register(subparsers) -> None:
                                   "with --engine, the model the peers run")
     p.add_argument("--drafter", help="drafter dir, 'default' (our shipped drafter) or 'none' (plain and peers only)")
     p.add_argument("--dataset", default="mtbench", help="mtbench (first turns), sharegpt (held-out), or FILE.jsonl")
-    p.add_argument("--questions", type=positive_int, default=10, metavar="N",
+    p.add_argument("--questions", type=config.counts(1, many=False), default=10, metavar="N",
                    help="number of prompts (default 10)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="default 128")
+    p.add_argument("--max-new-tokens", type=config.counts(1, many=False), default=128, metavar="N", help="default 128")
     p.add_argument("--batch-sizes", type=config.counts(1), default=[1], metavar="B,...",
                    help="prompts decoded together in lockstep (default 1)")
     # Lists: every combination is measured; with --engine, settings within its built one (default: that one).
@@ -53,7 +52,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
     p.add_argument("--peers", type=_peer_list, default=list(PEERS), metavar="hf,llamacpp|none",
                    help="peer engines run on the same prompts when installed (default: both)")
-    p.add_argument("--threads", type=positive_int, metavar="N",
+    p.add_argument("--threads", type=config.counts(1, many=False), metavar="N",
                    help="CPU threads for torch and llama.cpp alike (default: torch's default)")
     p.add_argument("--device", help="torch device for our runtime and HF (default cpu, or the engine's)")
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write every figure and machine info here")
