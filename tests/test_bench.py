@@ -1,12 +1,12 @@
 """`redrafter bench`: figures, the JSON/PNG it writes, the identical-output check, bad input."""
 from __future__ import annotations
-from redrafter.runtime.config import DecodeConfig
 
 import json
 
 import pytest
 import torch
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.bench.metrics import agreement, figures, mismatches
 from redrafter.bench.systems import Run
 from redrafter.cli import main

@@ -1,12 +1,12 @@
 """Engine builder: tiny engines per backend, agreement with eager, int8, corrupted engines,
 atomic builds. Each backend compiles once per session (AOTInductor takes ~30-60 s on 2 cores)."""
 from __future__ import annotations
-from redrafter.runtime.config import DecodeConfig
 
 import json
 import os
 import shutil
 import signal
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from safetensors.torch import load_file, save_file
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.builder import build as build_mod
 from redrafter.builder.build import BuildOptions, build_engine
 from redrafter.builder.engine import SCHEMA_VERSION, file_checksums, load_engine, open_session
@@ -701,3 +702,13 @@ def test_device_check_builds_and_runs_engines_on_the_cpu(tmp_path, capsys):
     assert r["engine"] == "eager-none" and r["redrafter_equals_plain"]
     assert r["redrafter"]["steps"] >= 1 and r["plain"]["tok_per_s"] > 0
     assert capsys.readouterr().out.strip().endswith("OK")
+
+
+def test_engine_options_read_the_decode_setting_of_old_and_new_config_files():
+    """Engines before DecodeConfig kept its fields among the build options (tree and lookup only later)."""
+    from redrafter.builder.engine import EngineOptions
+
+    old = EngineOptions.from_json({"beam_width": 3, "beam_length": 4, "max_batch_size": 1, "backend": "aoti"})
+    assert old.decode == DecodeConfig(3, 4, "beams") and old.max_batch_size == 1 and old.backend == "aoti"
+    new = EngineOptions(decode=DecodeConfig(2, 5, "search", lookup_ngram=3))
+    assert EngineOptions.from_json(json.loads(json.dumps(asdict(new)))) == new

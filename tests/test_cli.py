@@ -1,5 +1,4 @@
 """`redrafter generate`: streamed text and JSON output, sampling, and clear errors for bad input."""
-from redrafter.runtime.config import DecodeConfig
 import json
 import subprocess
 import sys
@@ -7,6 +6,7 @@ import time
 
 import pytest
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.cli import main
 
 
@@ -27,10 +27,11 @@ def test_generate_json_matches_no_spec(tiny_hf_dir, capsys, lookup):
     assert spec["tree"] == ("search" if "--tree" in lookup else "beams")
     assert main(args + ["--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
-    for key in ("text", "token_ids", "tokens", "steps", "tokens_per_step", "tok_per_s"):
-        assert key in spec
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["tokens"] == len(spec["token_ids"]) <= 12
+    assert (spec["beam_width"], spec["beam_length"]) == (3, 3) and 1 <= spec["steps"] < spec["tokens"]
+    # Steps emit 1..L tokens (the last may emit more than the output keeps).
+    assert (spec["tokens"] - 1) / spec["steps"] - 1e-3 <= spec["tokens_per_step"] <= 3
     assert plain["steps"] == plain["tokens"] - 1 and plain["tokens_per_step"] == 1.0
 
 
@@ -65,8 +66,14 @@ def test_generate_prints_text_and_a_summary_line(tiny_hf_dir):
     base, drafter = tiny_hf_dir
     out = run_cli("generate", "--prompt", "Hi", "--max-new-tokens", "5", "--base", str(base), "--drafter", str(drafter))
     assert out.returncode == 0, out.stderr
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("[") and "tokens/step" in last and "tok/s" in last
+    *text, last = out.stdout.strip().splitlines()
+    import re
+
+    m = re.fullmatch(r"\[(\d+) tokens, (\d+) steps, ([\d.]+) tokens/step, ([\d.]+) tok/s\]", last)
+    assert m, last
+    tokens, steps, per_step = int(m[1]), int(m[2]), float(m[3])
+    assert 1 <= tokens <= 5 and 1 <= steps < tokens and (tokens - 1) / steps - 1e-3 <= per_step <= 2  # W1 L2
+    assert "".join(text).strip()  # the streamed completion came before the summary
 
 
 def test_bad_paths_give_a_clear_error_not_a_traceback(tmp_path):

@@ -1,9 +1,9 @@
 """Lossless ReDrafter decoding: greedy speculative output equals plain greedy output."""
-from redrafter.runtime.config import DecodeConfig
 import pytest
 import torch
 
 import redrafter.runtime.decoding as decoding
+from redrafter.runtime.config import DecodeConfig
 from redrafter.runtime.decoding import Decoder, generate
 
 from conftest import tiny_drafter, tiny_llama

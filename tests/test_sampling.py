@@ -9,11 +9,11 @@ Exactness is shown three ways on a tiny model with an 8-token vocabulary:
 """
 from __future__ import annotations
 
-from redrafter.runtime.config import DecodeConfig
 
 import pytest
 import torch
 
+from redrafter.runtime.config import DecodeConfig
 from conftest import tiny_drafter, tiny_llama
 from redrafter.runtime.acceptance import greedy_accept, tree_walk
 from redrafter.runtime.beam_search import beam_search

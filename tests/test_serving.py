@@ -1,6 +1,5 @@
 """Triton serving without a server: request validation, the model repository, the stub environment."""
 from __future__ import annotations
-from redrafter.runtime.config import DecodeConfig
 
 import subprocess
 
@@ -9,6 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.cli import main
 from redrafter.runtime.sampling import SamplingParams
 from redrafter.runtime.scheduler import MeasuredBeamPolicy

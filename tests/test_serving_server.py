@@ -3,7 +3,6 @@ receive equals the offline Session (greedy), under concurrency too; bad requests
 a client that goes away frees its slot."""
 from __future__ import annotations
 
-from redrafter.runtime.config import DecodeConfig
 
 import http.client
 import json
@@ -25,6 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.builder.build import BuildOptions, build_engine
 from redrafter.runtime.session import SamplingParams, Session
 from redrafter.serving.repository import ModelSource, write_repository

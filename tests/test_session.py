@@ -5,7 +5,6 @@ Reference outputs come from plain greedy decoding of each prompt on its own
 """
 from __future__ import annotations
 
-from redrafter.runtime.config import DecodeConfig
 
 import random
 import threading
@@ -13,6 +12,7 @@ from typing import Callable
 
 import pytest
 
+from redrafter.runtime.config import DecodeConfig
 from conftest import tiny_drafter, tiny_llama
 from redrafter.runtime.decoding import Decoder, generate
 from redrafter.runtime.scheduler import BeamPolicy, MeasuredBeamPolicy

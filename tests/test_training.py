@@ -4,7 +4,6 @@ Runs on the tiny random Llama with SmolLM2's real tokenizer and chat template (t
 """
 from __future__ import annotations
 
-from redrafter.runtime.config import DecodeConfig
 
 import json
 import sys
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.runtime.decoding import Decoder, generate
 from redrafter.runtime.drafter import load_drafter
 from redrafter.runtime.loading import load_base, load_tokenizer
