@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from redrafter.runtime.scheduler import default_beam_shape
+from redrafter.runtime.atomic import atomic_dir
+from redrafter.runtime.config import DecodeConfig
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
                      engine_config, file_checksums, read_config)
@@ -27,20 +27,16 @@ from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENI
 @dataclass
 class BuildOptions(EngineOptions):
     """What to build. base: HF dir | .gguf | "default"; drafter: dir | "default" | "none".
-    Beams default by device (runtime.scheduler.default_beam_shape): W1 L2 on the CPU, W4 L4 on a GPU."""
-    beam_width: int | None = None
-    beam_length: int | None = None
+    decode None: the device's default (DecodeConfig.for_device)."""
+    decode: DecodeConfig | None = None  # type: ignore[assignment]
     output: str | os.PathLike = ""
     base: str | os.PathLike = "default"
     drafter: str | os.PathLike = "default"
     progress: bool = True
 
     def __post_init__(self) -> None:
-        width, length = default_beam_shape(self.device)
-        if self.beam_width is None:
-            self.beam_width = width
-        if self.beam_length is None:
-            self.beam_length = length
+        if self.decode is None:
+            self.decode = DecodeConfig.for_device(self.device)
 
     def engine_options(self) -> EngineOptions:
         opts = EngineOptions(**{f.name: getattr(self, f.name) for f in fields(EngineOptions)})
@@ -87,17 +83,9 @@ def build_engine(options: BuildOptions) -> Path:
     if opts.backend in ("onnx", "tensorrt") and opts.quantize != "none":
         raise ValueError(f"{opts.quantize} engines use torch's weight-only {opts.quantize} matmul, which has no "
                          f"ONNX export: use --backend aoti or eager with --quantize {opts.quantize}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(out) as tmp:
         missing_trt = _build_into(tmp, options, opts)
         _fsync_tree(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if missing_trt:
         from .tensorrt import TensorRTUnavailable, unavailable_message
 
@@ -187,7 +175,8 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
 
     capacity = opts.cache_capacity
     dev = model.embed.weight.device
-    keep = opts.tree == "search"  # the draft and step programs draft the search tree
+    d = opts.decode  # the draft and step programs' setting
+    w, l, keep = d.beam_width, d.beam_length, d.keep_prefixes
     programs = {}
     if opts.backend == "aoti":
         from .export_aoti import compile_aoti, verify_engine_forward
@@ -204,14 +193,14 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
         if head is not None:
             dargs, dshapes = draft_examples(model, opts.max_batch_size)
             stages.run("compile draft (AOTInductor)", lambda: compile_aoti(
-                DraftBeams(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops, opts.draft_quantize,
+                DraftBeams(model, head, w, l, opts.plugin_ops, opts.draft_quantize,
                            keep),
                 dargs, dshapes,
                 tmp / PROGRAMS_DIR / "draft.pt2"))
             programs["draft"] = f"{PROGRAMS_DIR}/draft.pt2"
             sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
             stages.run("compile step (AOTInductor)", lambda: compile_aoti(
-                SpeculativeStep(model, head, opts.beam_width, opts.beam_length, opts.plugin_ops,
+                SpeculativeStep(model, head, w, l, opts.plugin_ops,
                                 quantize=opts.draft_quantize, keep_prefixes=keep), sargs, sshapes,
                 tmp / PROGRAMS_DIR / "step.pt2"))
             programs["step"] = f"{PROGRAMS_DIR}/step.pt2"
@@ -229,12 +218,12 @@ def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dic
     if head is not None:
         dargs, dshapes = draft_examples(model, opts.max_batch_size)
         stages.run("export draft (ONNX)", lambda: export_onnx(
-            DraftBeams(model, head, opts.beam_width, opts.beam_length, keep_prefixes=keep), dargs, dshapes,
+            DraftBeams(model, head, w, l, keep_prefixes=keep), dargs, dshapes,
             tmp / PROGRAMS_DIR / "draft.onnx", DRAFT_INPUTS, DRAFT_OUTPUTS))
         programs["draft"] = f"{PROGRAMS_DIR}/draft.onnx"
         sargs, sshapes = step_examples(model, opts.max_batch_size, capacity)
         stages.run("export step (ONNX, plugin nodes)", lambda: export_step_onnx(
-            SpeculativeStep(model, head, opts.beam_width, opts.beam_length, plugin_ops=True, functional=True,
+            SpeculativeStep(model, head, w, l, plugin_ops=True, functional=True,
                             keep_prefixes=keep),
             sargs, sshapes, tmp / PROGRAMS_DIR / "step.onnx"))
         programs["step"] = f"{PROGRAMS_DIR}/step.onnx"
@@ -306,24 +295,6 @@ def _check_output(out: Path) -> None:
                              "choose another --output")
 
 
-def _remove_stale(out: Path) -> None:
-    """Remove temporary directories of builds of `out` that were killed (SIGKILL skips cleanup)."""
-    for tmp in out.parent.glob(f".{out.name}.building-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _fsync_tree(root: Path) -> None:
     for p in [*root.rglob("*"), root]:
         fd = os.open(p, os.O_RDONLY)
@@ -333,17 +304,3 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing engine (or empty dir) at out is swapped out and removed."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -5,9 +5,9 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from redrafter.runtime.decoding import TREES
+    from redrafter.runtime import config
 
-    from . import BACKENDS, DTYPE_NAMES, QUANTIZE
+    from . import BACKENDS, DTYPE_NAMES, MAX_BATCH_SIZE, QUANTIZE
 
     p = subparsers.add_parser("build", help="build an engine directory (weights, tokenizer, compiled programs)",
                               description=__doc__)
@@ -20,11 +20,8 @@ def register(subparsers) -> None:
                         "channel; CPU and GPU) or int4 (groups of 32, as llama.cpp's Q4_1; CPU only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the engine runs (compiled programs are device-specific)")
     p.add_argument("--backend", default="aoti", choices=list(BACKENDS))
-    p.add_argument("--beam-width", type=int, default=None,
-                   help="W: beams drafted per step (default: 1 on cpu, 4 on cuda)")
-    p.add_argument("--beam-length", type=int, default=None,
-                   help="L: tokens per beam, counting the guaranteed token (default: 2 on cpu, 4 on cuda)")
-    p.add_argument("--max-batch-size", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE,
+                   help="concurrent requests the engine serves (default %(default)s)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest prompt + completion, in tokens")
     p.add_argument("--plugin-ops", action="store_true",
                    help="aoti: the draft program calls the redrafter::beam_draft op (its Triton kernel on CUDA) "
@@ -32,27 +29,20 @@ def register(subparsers) -> None:
     p.add_argument("--exact-attention", action="store_true",
                    help="attend in float64, so that a bfloat16 int8/int4 engine's ReDrafter output equals its own "
                         "plain decoding token for token (costs about 20%% of plain speed on the CPU)")
-    p.add_argument("--lookup", type=int, default=0, metavar="N",
-                   help="context lookup: each step also verifies a beam copying what followed the last 1..N "
-                        "tokens earlier in the text (default 0: off)")
-    p.add_argument("--lookup-length", type=int, default=0, metavar="K",
-                   help="with --lookup: the lookup beam's tokens, counting the guaranteed token, if more than "
-                        "--beam-length (default: --beam-length)")
-    p.add_argument("--tree", default="beams", choices=list(TREES),
-                   help="what a step verifies: the W final beams (default) or every prefix the beam search kept "
-                        "(search: 1 + W(L-1) tokens, more accepted per step)")
+    config.add_arguments(p, plain=False)  # the engine's programs' setting and limits
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from redrafter.runtime.config import DecodeConfig, from_args
+
     from .build import BuildOptions, build_engine
 
     out = build_engine(BuildOptions(
         output=args.output, base=args.base, drafter=args.drafter, dtype=args.dtype, quantize=args.quantize,
-        device=args.device, backend=args.backend, beam_width=args.beam_width, beam_length=args.beam_length,
+        device=args.device, backend=args.backend, decode=from_args(args, DecodeConfig.for_device(args.device)),
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, plugin_ops=args.plugin_ops,
-        exact_attention=args.exact_attention, lookup_ngram=args.lookup,
-        lookup_length=args.lookup_length, tree=args.tree, progress=not args.no_progress))
+        exact_attention=args.exact_attention, progress=not args.no_progress))
     print(out)
     return 0

@@ -1,6 +1,6 @@
 """The engine directory format and its loader.
 
-An engine directory (written by `redrafter build`, read by `load_engine` / `Session.open`):
+An engine directory (written by `redrafter build`, read by `load_engine` / `open_session`):
 
     config.json            format, schema_version, base (LlamaConfig), drafter (DrafterConfig
                            or null), build options, programs, plugin versions, and the sha256
@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from redrafter.runtime import pipeline
-from redrafter.runtime.decoding import TREES, Decoder, tree_tokens
+from redrafter.runtime.config import DecodeConfig
+from redrafter.runtime.decoding import Decoder
 from redrafter.runtime.drafter import DraftHead, DrafterConfig
 from redrafter.runtime.model import Llama, LlamaConfig, rope_inv_freq
 
-from . import BACKENDS, DTYPE_NAMES, QUANTIZE
+from . import BACKENDS, DTYPE_NAMES, MAX_BATCH_SIZE, QUANTIZE
 
 FORMAT = "redrafter-engine"
 SCHEMA_VERSION = 1
@@ -48,10 +49,10 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 @dataclass
 class EngineOptions:
-    """Build options recorded in config.json["build"]."""
-    beam_width: int = 4
-    beam_length: int = 4
-    max_batch_size: int = 1
+    """Build options recorded in config.json["build"]. `decode`: the engine's built limits (its draft
+    and step programs' setting; the cache holds its tree), any setting within which runs."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    max_batch_size: int = MAX_BATCH_SIZE
     max_seq_len: int = 2048
     dtype: str = "float32"
     quantize: str = "none"
@@ -63,9 +64,6 @@ class EngineOptions:
     # before it existed lack it: their programs draft in float.
     draft_quantize: str | None = None
     exact_attention: bool = False  # attention in float64 (Llama.exact_attention)
-    lookup_ngram: int = 0  # context lookup beam (runtime/lookup.py); 0: off
-    lookup_length: int = 0  # the lookup beam's tokens if more than beam_length; 0: beam_length
-    tree: str = "beams"  # what a step verifies (runtime.decoding.TREES); engines before it: beams
 
     def validate(self) -> None:
         if self.backend not in BACKENDS:
@@ -74,16 +72,8 @@ class EngineOptions:
             raise ValueError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"unknown quantization {self.quantize!r}: choose one of {', '.join(QUANTIZE)}")
-        for name in ("beam_width", "beam_length", "max_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lookup_ngram < 0:
-            raise ValueError(f"lookup_ngram must be >= 0 (0: off), got {self.lookup_ngram}")
-        if self.lookup_length < 0 or (self.lookup_length and not self.lookup_ngram):
-            raise ValueError(f"lookup_length must be >= 0 (0: the beam length), with lookup_ngram > 0; got "
-                             f"lookup_length={self.lookup_length}, lookup_ngram={self.lookup_ngram}")
-        if self.tree not in TREES:
-            raise ValueError(f"unknown tree {self.tree!r}: choose one of {', '.join(TREES)}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.exact_attention and self.plugin_ops:
@@ -103,13 +93,13 @@ class EngineOptions:
     @property
     def cache_capacity(self) -> int:
         """Positions per slot: max_seq_len plus the largest tree a step verifies (the lookup beam's too)."""
-        return self.max_seq_len + tree_tokens(self.beam_width, self.beam_length, self.lookup_ngram,
-                                              self.lookup_length)
+        return self.max_seq_len + self.decode.tree_tokens
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "EngineOptions":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """config.json["build"]; engines before DecodeConfig held its fields at this level."""
+        known = {f.name for f in fields(cls)} - {"decode"}
+        return cls(decode=DecodeConfig.from_json(d.get("decode", d)), **{k: v for k, v in d.items() if k in known})
 
 
 def sha256(path: Path) -> str:
@@ -220,6 +210,8 @@ class Engine:
         self.options = EngineOptions.from_json(config["build"])
         self.model, self.drafter, self.tokenizer = model, drafter, tokenizer
         self._programs: Programs | None = None
+        # The setting the programs were built for and the cache holds: the limits of any decoder's.
+        self.built = self.options.decode if drafter is not None else DecodeConfig.plain()
 
     @property
     def eos_ids(self) -> list[int]:
@@ -235,41 +227,40 @@ class Engine:
             self._programs = _load_programs(self)
         return self._programs
 
-    def decoder(self, max_batch_size: int | None = None, speculative: bool = True,
+    def decoder(self, max_batch_size: int | None = None, decode: DecodeConfig | None = None,
                 fused_step: bool | None = None) -> Decoder:
         """A Decoder over this engine. Compiled programs take the cache of the built batch
         size, so a compiled engine's decoder always has max_batch_size slots.
-        speculative=False gives plain greedy decoding of the same engine (the baseline).
-        fused_step: run greedy steps as the step program (where the engine has one). None:
-        on CUDA only. On this project's CPU it is no faster than the draft program + host
-        packing + the forward program (BENCHMARKS.md): the host work it removes is ~2 ms of a
-        65 ms step, and it attends over the whole cache. On a GPU it removes the host round
-        trips of every step (not measured: no GPU was available)."""
+        decode: any setting within the engine's built one (default: that one; DecodeConfig.plain():
+        plain decoding of the same engine, the baseline). Other settings than the built one draft
+        with the eager beam search (the draft program holds the built W, L and tree).
+        fused_step: run greedy steps as the step program (where the engine has one). None: on CUDA
+        only. On a CPU the host work it removes is a small part of a step, and it attends over the
+        whole cache, so it is no faster (BENCHMARKS.md); on a GPU it removes every step's host round trips."""
         o = self.options
         n = max_batch_size or o.max_batch_size
         if n > o.max_batch_size:
             raise ValueError(f"max_batch_size {n} exceeds the engine's {o.max_batch_size}: "
                              "rebuild with a larger --max-batch-size")
+        built, decode = self.built, decode or self.built
+        decode.check_within(built, f"this engine ({self.path})")
+        speculative = decode.speculative and self.drafter is not None
         programs = self.programs()
-        model = self.model
-        if programs.forward is not None:
-            from .programs import CompiledBase
-
-            n = o.max_batch_size
-            model = CompiledBase(self.model, programs.forward, (n, o.cache_capacity))
         if fused_step is None:
             fused_step = (speculative and programs.step is not None
                           and self.model.embed.weight.device.type == "cuda")
         if fused_step and programs.step is None:
             raise ValueError(f"this {o.backend} engine has no step program (aoti and onnx engines with a "
                              "drafter have one): rebuild it, or use fused_step=False")
-        return Decoder(model, self.drafter if speculative else None, max_batch=n, max_seq_len=o.max_seq_len,
-                       beam_width=o.beam_width, beam_length=o.beam_length,
-                       draft=programs.draft if speculative else None,
-                       fused_step=programs.step if speculative and fused_step else None,
-                       lookup_ngram=o.lookup_ngram if speculative and self.drafter is not None else 0,
-                       lookup_length=o.lookup_length if speculative and self.drafter is not None else 0,
-                       tree=o.tree)
+        steps = None
+        if programs.forward is not None:
+            from .programs import CompiledSteps
+
+            n = o.max_batch_size
+            steps = CompiledSteps(self.model, programs.forward, (n, o.cache_capacity), built, programs.draft,
+                                  programs.step if fused_step else None)
+        return Decoder(self.model, self.drafter if speculative else None, decode, max_batch=n,
+                       max_seq_len=o.max_seq_len, limits=built, steps=steps)
 
 
 @dataclass
@@ -295,7 +286,8 @@ def _load_programs(engine: Engine) -> Programs:
 
         import redrafter.plugins.ops  # noqa: F401  (registers the ops the programs call)
 
-        m, head, w, l, keep = engine.model, engine.drafter, o.beam_width, o.beam_length, o.tree == "search"
+        m, head, d = engine.model, engine.drafter, o.decode
+        w, l, keep = d.beam_width, d.beam_length, d.keep_prefixes
         out = Programs(forward=load_aoti(fwd_file, BaseForward(m)))
         q = o.draft_quantize or "none"
         if path("draft"):
@@ -353,3 +345,23 @@ def engine_config(base: LlamaConfig, drafter: DrafterConfig | None, options: Eng
         "base": base.to_dict(), "drafter": drafter.to_json() if drafter else None,
         "build": asdict(options), "programs": programs, "plugins": plugins, "files": files,
     }
+
+
+def open_session(engine_dir: str | os.PathLike, *, max_batch_size: int | None = None,
+                 decode: DecodeConfig | None = None, beam_policy: Any = None, prefill_token_budget: int = 8192):
+    """A serving Session (runtime.session) over an engine: decode within its built limits (None: the
+    built setting), beam_policy as in Session.load, bounded by decode's beam shape."""
+    from redrafter.runtime.session import Session, policy_for
+
+    engine = load_engine(engine_dir)
+    decode = decode or engine.built
+    policy = policy_for(beam_policy, decode)
+    decoder = engine.decoder(max_batch_size, decode.with_shape(*policy.largest_shape))
+    return Session(decoder, engine.tokenizer, engine.eos_ids, beam_policy=policy,
+                   prefill_token_budget=prefill_token_budget)
+
+
+def built_decode(engine_dir: str | os.PathLike) -> DecodeConfig:
+    """The setting an engine was built for (its limits), read from config.json alone."""
+    cfg = read_config(Path(engine_dir), verify=False)
+    return EngineOptions.from_json(cfg["build"]).decode if cfg.get("drafter") else DecodeConfig.plain()

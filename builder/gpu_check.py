@@ -3,6 +3,8 @@
     python -m redrafter.builder.gpu_check --device cuda            # SmolLM2-135M shape, random weights
     python -m redrafter.builder.gpu_check --device cpu --layers 2  # the quick CPU path (CI-sized)
     python -m redrafter.builder.gpu_check --device cuda --tree search  # steps verifying the search tree
+    python -m redrafter.builder.gpu_check --kernels    # the Triton kernels against the ops' references
+    TRITON_INTERPRET=1 python -m redrafter.builder.gpu_check --kernels --device cpu --tiny   # dry run
 
 The GPU machines hold no model files, so the base model is a random Llama of SmolLM2-135M's
 shape (30 layers, hidden 576, 9/3 heads, vocab 49152, tied) with a random shared-head drafter
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -22,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-               num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
-               bos_token_id=1, eos_token_ids=[2])
+from redrafter.runtime.loading import SMOLLM2_135M as SMOLLM2
 
 
 def random_checkpoint(root: Path, layers: int, seed: int = 0) -> tuple[Path, Path]:
@@ -64,6 +65,7 @@ def _sync(device: str) -> None:
 
 def run_engine(path: Path, prompt: list[int], new_tokens: int, device: str) -> dict:
     from redrafter.builder.engine import load_engine
+    from redrafter.runtime.config import DecodeConfig
     from redrafter.runtime.decoding import generate
 
     t = time.perf_counter()
@@ -75,7 +77,7 @@ def run_engine(path: Path, prompt: list[int], new_tokens: int, device: str) -> d
         modes.append(("redrafter-fused" if engine.model.embed.weight.device.type != "cuda" else
                       "redrafter-unfused", True, engine.model.embed.weight.device.type != "cuda"))
     for mode, spec, fused in modes:
-        decoder = engine.decoder(speculative=spec, fused_step=fused)
+        decoder = engine.decoder(decode=None if spec else DecodeConfig.plain(), fused_step=fused)
         generate(decoder, [prompt], 8, ())  # warm-up (first calls allocate / autotune)
         _sync(device)
         t = time.perf_counter()
@@ -95,7 +97,7 @@ def _modes(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from redrafter.runtime.decoding import TREES
+    from redrafter.runtime.config import TREES, DecodeConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -108,8 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beam-length", type=int, default=4)
     p.add_argument("--tree", default="beams", choices=list(TREES),
                    help="what a step verifies: the W final beams or every prefix the beam search kept")
-    p.add_argument("--out", help="also write the results here (JSON)")
+    p.add_argument("--out", help="also write the results here (JSON; --kernels: a directory, default $OUT)")
+    p.add_argument("--kernels", action="store_true", help="check the Triton kernels against the ops' references "
+                   "and time both instead (plugins.gpu_check; --device cpu needs TRITON_INTERPRET=1)")
+    p.add_argument("--tiny", action="store_true", help="--kernels: tiny shapes (the CPU dry run)")
+    p.add_argument("--reps", type=int, help="--kernels: timed repetitions per case (default 10 on cuda, 1 on cpu)")
+    p.add_argument("--compile-only", type=int, metavar="ARCH", help="--kernels: only compile every kernel for "
+                   "CUDA sm_ARCH (e.g. 90); needs no GPU")
     args = p.parse_args(argv)
+    if args.kernels or args.compile_only is not None:
+        from redrafter.plugins.gpu_check import check_kernels
+
+        return check_kernels(args.device, args.tiny, args.reps, args.out or os.environ.get("OUT"), args.compile_only)
     from redrafter.builder.build import BuildOptions, build_engine
 
     info = {"device": args.device, "torch": torch.__version__,
@@ -130,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             path = build_engine(BuildOptions(
                 output=root / f"{backend}{'+plugins' if plugin_ops else ''}-{quant}", base=base, drafter=drafter,
-                backend=backend, quantize=quant, device=args.device, beam_width=args.beam_width,
-                beam_length=args.beam_length, max_batch_size=1, max_seq_len=args.prompt_len + args.new_tokens + 16,
-                plugin_ops=plugin_ops, tree=args.tree, progress=True))  # stage times in the log
+                backend=backend, quantize=quant, device=args.device,
+                decode=DecodeConfig(args.beam_width, args.beam_length, args.tree), max_batch_size=1,
+                max_seq_len=args.prompt_len + args.new_tokens + 16, plugin_ops=plugin_ops, progress=True))  # stage times in the log
             r = run_engine(path, prompt, args.new_tokens, args.device) | {"build_s": round(time.perf_counter() - t, 1)}
             r["redrafter_equals_plain"] = all(r[m]["tokens"] == r["plain"]["tokens"] for m in _modes(r))
             ok &= r["redrafter_equals_plain"]

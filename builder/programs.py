@@ -12,8 +12,7 @@
   redrafter::kv_commit; attention runs over the whole cache under a mask built in the program,
   or (plugin_ops) through redrafter::packed_attention. Every shape is static but the batch.
 
-`CompiledBase` wraps a forward program so that it quacks like `runtime.model.Llama` for the
-`Decoder`; the draft and step programs plug into `Decoder(draft=..., fused_step=...)`.
+`CompiledSteps` runs the three programs as a `Decoder`'s stages (runtime.decoding.Steps).
 """
 from __future__ import annotations
 
@@ -24,8 +23,10 @@ from torch import Tensor, nn
 
 from redrafter.runtime.acceptance import greedy_verify
 from redrafter.runtime.beam_search import beam_search
+from redrafter.runtime.config import DecodeConfig
+from redrafter.runtime.decoding import FusedStep, Steps
 from redrafter.runtime.drafter import DraftHead
-from redrafter.runtime.model import KVCache, Llama, TreeMask, attention_mask, lm_head_weight, rows_linear
+from redrafter.runtime.model import KVCache, Llama, TreeMask, attention_mask, lm_head_weight
 
 # Signature of a forward program: (tokens, positions, k, v, slots, starts, mask) -> hidden,
 # writing the new keys/values into k and v.
@@ -219,40 +220,47 @@ def step_examples(model: Llama, max_batch: int, capacity: int) -> tuple[tuple, d
     return (context, first, cache.k, cache.v, slots, starts), (*draft_shapes, None, None, batch, batch)
 
 
-class CompiledBase(nn.Module):
-    """Runs a forward program with the `Llama` interface the Decoder uses. The embedding and
-    LM head stay as eager modules over the engine's weights (the drafter and the logits use
-    them); the blocks run only inside the program."""
+class CompiledSteps(Steps):
+    """A decoder's stages through an engine's compiled programs: every base forward through the
+    forward program; drafting through the draft program and greedy steps through the step program
+    while the decoder's setting is the one they were built for (`built`), the eager runtime code
+    otherwise. The embedding and LM head stay eager modules over the engine's weights (the drafter
+    and the logits use them); the blocks run only inside the programs."""
 
-    def __init__(self, model: Llama, program: ForwardProgram, cache_shape: tuple[int, int]):
-        super().__init__()
-        self.cfg = model.cfg
-        self.embed, self.lm_head = model.embed, model.lm_head
-        self.program, self.cache_shape = program, tuple(cache_shape)
+    def __init__(self, model: Llama, forward: ForwardProgram, cache_shape: tuple[int, int], built: DecodeConfig,
+                 draft: DraftProgram | None = None, step: FusedStep | None = None):
+        super().__init__(model)
+        self.program, self.cache_shape, self.built = forward, tuple(cache_shape), built
+        self.draft_program, self.step_program = draft, step
+
+    def _built_for(self, config: DecodeConfig) -> bool:
+        b = self.built
+        return (config.beam_width, config.beam_length, config.tree) == (b.beam_width, b.beam_length, b.tree)
 
     def new_cache(self, slots: int, capacity: int) -> KVCache:
         """The cache the programs were compiled for, whose positions cover `capacity` (a plain
         decoder of an engine built with a lookup beam asks for fewer)."""
         if capacity > self.cache_shape[1]:
             raise ValueError(f"a cache of {capacity} positions exceeds the engine's {self.cache_shape[1]}")
-        p = self.embed.weight
-        return KVCache(self.cfg, slots, self.cache_shape[1], p.dtype, p.device)
+        return super().new_cache(slots, self.cache_shape[1])
 
-    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
-                starts: Tensor, tree_mask: Tensor, use_plugins: bool = False) -> Tensor:
-        if use_plugins:
-            raise ValueError("a compiled engine runs its own programs: open it without use_plugins")
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor, starts: Tensor,
+                tree_mask: Tensor) -> Tensor:
         span = int(starts.max()) + tokens.shape[1]
         if span >= cache.capacity:
             raise ValueError(f"sequence needs {span} cache positions but the engine's cache holds "
                              f"{cache.capacity - 1}: raise --max-seq-len when building the engine")
-        if cache.k.shape[1:3] != self.cache_shape:
-            raise ValueError(f"the engine's programs take a cache of {self.cache_shape} (slots, positions), "
-                             f"got {tuple(cache.k.shape[1:3])}: use Engine.decoder()")
         mask = attention_mask(starts, tree_mask, static_span(cache.k.device, cache.capacity) or span)
         # Compiled code assumes dense row-major inputs (callers pass expanded views).
         args = (tokens, positions, cache.k, cache.v, slots, starts, mask)
         return self.program(*(a.contiguous() for a in args))
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        return rows_linear(self.lm_head, hidden).float()
+    def draft(self, head: DraftHead, base_head: Tensor | None, context: Tensor, first: Tensor,
+              config: DecodeConfig) -> Tensor:
+        if self.draft_program is not None and self._built_for(config):
+            return self.draft_program(context, first)
+        return super().draft(head, base_head, context, first, config)
+
+    def fused(self, config: DecodeConfig) -> FusedStep | None:
+        # The step program has no lookup beam: the host adds it.
+        return self.step_program if self._built_for(config) and not config.lookup_ngram else None

@@ -41,11 +41,9 @@ class Int8Linear(nn.Module):
     """y = x @ (W_q * scale)^T + bias, with W_q int8 [out, in] and scale [out].
 
     bfloat16 activations on CPU use torch's weight-only int8 matmul (aten._weight_int8pack_mm,
-    AVX512-BF16 kernels); everything else dequantizes the weight on the fly. Measured on this
-    project's CPU (1 thread, 1536x576, one token): fp32 linear 68 us; int8pack with fp32
-    activations 716 us (a scalar path); dequantize + fp32 linear 122 us; bf16 linear 83 us;
-    int8pack with bf16 activations 47 us. Both paths are plain aten ops, so torch.export and
-    AOTInductor see them.
+    AVX512-BF16 kernels; with float32 activations it takes a scalar path, several times slower than
+    dequantizing: BENCHMARKS.md); everything else dequantizes the weight on the fly. Both paths
+    are plain aten ops, so torch.export and AOTInductor see them.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
@@ -101,11 +99,7 @@ class Int4Linear(nn.Module):
     It calls quantized::int4mm_packed_weight_cpu, the kernel behind
     aten._weight_int4pack_mm_for_cpu, with the group size as a tensor of its own: AOTInductor
     turns the aten op's integer into a constant that engines (whose programs get every constant
-    from the engine's files) would not hold.
-
-    Measured on this project's CPU (2 threads, bf16 activations, one token, weights streamed
-    from memory as in a real step: every block projection of SmolLM2 once): int8 9.6 ms,
-    int4 5.3 ms (2026-11-26)."""
+    from the engine's files) would not hold. It reads half of int8's bytes (BENCHMARKS.md)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None):
@@ -164,10 +158,8 @@ def quantized_linears(model: nn.Module, kind: str, head: bool = True) -> list[st
     decoder blocks (attention q/k/v/o and MLP gate/up/down), and the LM head.
 
     The LM head is a fifth of SmolLM2's weights (28M of 135M) and a third of the bytes a step
-    reads once the blocks are in 4 bits. Measured on this project's CPU (2 threads, weights
-    streamed from memory, 49,152 x 576): bf16 5.1 ms for one row, 5.7-6.6 for 2-4; int8 2.8 and
-    3.4-3.8; int4 1.2 and 1.4-1.8. Both packed kernels work in blocks of 4 rows: for 5 rows
-    (a verification of 5 tokens) int8 takes 7.3 ms, more than bf16's 6.4, and int4 3.3.
+    reads once the blocks are in 4 bits, so quantizing it pays like a block's (BENCHMARKS.md). Both
+    packed kernels work in blocks of 4 rows: 5 rows cost about twice 4.
 
     A quantized head is untied from the embedding, which stays in the model dtype (a lookup, and
     the rows the drafter's shared head reads: runtime.model.lm_head_weight). A vocabulary that

@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from redrafter.datasets import mtbench_first_turns
+    from redrafter.runtime.config import DecodeConfig
     from redrafter.runtime.decoding import Decoder
     from redrafter.runtime.pipeline import load
     from redrafter.runtime.scheduler import MeasuredBeamPolicy
@@ -56,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     for b in batches:
         sessions = {"plain": Session(Decoder(loaded.model, None, max_batch=b, max_seq_len=max_seq))}
         for sw, sl in shapes:
-            sessions[f"fixed {sw}x{sl}"] = Session(Decoder(loaded.model, loaded.drafter, max_batch=b,
-                                                           max_seq_len=max_seq, beam_width=sw, beam_length=sl))
-        sessions["adaptive"] = Session(Decoder(loaded.model, loaded.drafter, max_batch=b, max_seq_len=max_seq,
-                                               beam_width=cap_w, beam_length=cap_l), beam_policy=adaptive)
+            sessions[f"fixed {sw}x{sl}"] = Session(Decoder(loaded.model, loaded.drafter, DecodeConfig(sw, sl),
+                                                           max_batch=b, max_seq_len=max_seq))
+        sessions["adaptive"] = Session(Decoder(loaded.model, loaded.drafter, DecodeConfig(cap_w, cap_l), max_batch=b,
+                                               max_seq_len=max_seq), beam_policy=adaptive)
         names = list(sessions)
         totals = {n: [0, 0.0] for n in names}
         outputs: dict[str, list[list[int]]] = {}

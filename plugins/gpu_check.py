@@ -1,8 +1,5 @@
-"""Check every Triton kernel against its PyTorch reference and time both.
-
-    python -m redrafter.plugins.gpu_check                    # CUDA, SmolLM2-sized shapes
-    TRITON_INTERPRET=1 python -m redrafter.plugins.gpu_check --device cpu --tiny   # dry run
-    python -m redrafter.plugins.gpu_check --compile-only 90  # compile all kernels for sm_90, no GPU
+"""Check every Triton kernel against its PyTorch reference and time both (run by the one GPU check
+command, `python -m redrafter.builder.gpu_check --kernels`; see there).
 
 Random weights only (no model files needed). Shapes follow SmolLM2-135M: hidden 576,
 vocab 49152, 9 heads / 3 KV heads of 64, 30 layers; beams W in {1, 4, 16, 64}, L in {4, 5};
@@ -13,7 +10,6 @@ disagrees with its reference.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -27,6 +23,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from ..runtime.atomic import atomic_file
+from ..runtime.loading import SMOLLM2_135M
 from ..runtime.tree import PAD
 
 
@@ -45,7 +43,9 @@ class Shapes:
     draft_vocab: int  # Vd of the draft-vocabulary case
 
 
-SMOLLM2 = Shapes(576, 49152, 9, 3, 64, 30, (1, 4, 16, 64), (4, 5), (512, 2048), (1, 8), 8192)
+_M = SMOLLM2_135M
+SMOLLM2 = Shapes(_M["hidden_size"], _M["vocab_size"], _M["num_heads"], _M["num_kv_heads"], _M["head_dim"],
+                 _M["num_layers"], (1, 4, 16, 64), (4, 5), (512, 2048), (1, 8), 8192)
 TINY = Shapes(32, 61, 4, 2, 16, 2, (2,), (3,), (9,), (2,), 24)
 
 
@@ -351,28 +351,21 @@ def table_row(r: Row) -> str:
 
 def write_report(out: Path, device: str, rows: list[Row]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".gpu_check.json.tmp"
-    tmp.write_text(json.dumps({"device": device, "torch": torch.__version__,
-                               "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}, indent=2))
-    os.replace(tmp, out / "gpu_check.json")
+    with atomic_file(out / "gpu_check.json") as tmp:
+        tmp.write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                   "rows": [asdict(r) | {"speedup": r.speedup} for r in rows]}, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (needs TRITON_INTERPRET=1)")
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes (for the CPU dry run)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per case (default 10 on cuda, 1 on cpu)")
-    ap.add_argument("--out", default=os.environ.get("OUT"), help="directory for gpu_check.json (default $OUT)")
-    ap.add_argument("--compile-only", type=int, metavar="ARCH", default=None,
-                    help="only compile every kernel for CUDA sm_ARCH (e.g. 90); needs no GPU")
-    args = ap.parse_args(argv)
-    if args.compile_only is not None:
+def check_kernels(device: str, tiny: bool, reps: int | None, out: str | None, compile_only: int | None) -> int:
+    """Every case on `device` (tiny shapes or SmolLM2's; gpu_check.json under `out` after each) ->
+    exit status: 1 if a kernel disagrees with its reference, 2 if the device cannot run them."""
+    if compile_only is not None:
         if os.environ.get("TRITON_INTERPRET") == "1":
             print("--compile-only compiles for a GPU: unset TRITON_INTERPRET", file=sys.stderr)
             return 2
-        print("\n".join(compile_all(args.compile_only)))
+        print("\n".join(compile_all(compile_only)))
         return 0
-    device = torch.device(args.device)
+    device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU, or dry-run with TRITON_INTERPRET=1 ... --device cpu --tiny",
               file=sys.stderr)
@@ -380,23 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         print("--device cpu runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    reps = args.reps or (10 if device.type == "cuda" else 1)
+    reps = reps or (10 if device.type == "cuda" else 1)
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"device: {name}; torch {torch.__version__}\n\n{TABLE_HEAD}", flush=True)
     rows: list[Row] = []
     with torch.inference_mode():
-        for row in run(device, TINY if args.tiny else SMOLLM2, reps):
+        for row in run(device, TINY if tiny else SMOLLM2, reps):
             rows.append(row)
             print(table_row(row), flush=True)
-            if args.out:  # after every case: a run cut short keeps what it measured
-                write_report(Path(args.out), name, rows)
+            if out:  # after every case: a run cut short keeps what it measured
+                write_report(Path(out), name, rows)
     print(f"\n{len(rows)} cases in {time.perf_counter() - t0:.0f} s")
     bad = [r for r in rows if not r.ok]
     if bad:
         print(f"\n{len(bad)} case(s) disagree with the reference", file=sys.stderr)
     return 1 if bad else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

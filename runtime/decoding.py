@@ -29,26 +29,16 @@ from torch import Tensor
 
 from .acceptance import greedy_verify, tree_walk
 from .beam_search import beam_search
+from .config import DecodeConfig
 from .drafter import DraftHead, check_compatible
 from .lookup import lookup_beam
-from .model import Llama, causal_mask, lm_head_weight
+from .model import KVCache, Llama, causal_mask, lm_head_weight
 from .sampling import BatchSampling, SlotSampler, draw, processed_probs
 from .tree import PAD, PackedBeams, pack_beams
 
-# What a step verifies: the W final beams ("beams", as in the paper and TensorRT-LLM), or every
-# prefix the beam search kept on the way ("search": 1 + W(L-1) tokens).
-TREES = ("beams", "search")
-
-
-def step_length(length: int, lookup_ngram: int = 0, lookup_length: int = 0) -> int:
-    """The longest beam of a step drafting beams of `length`: the lookup beam's may be longer."""
-    return max(length, lookup_length) if lookup_ngram else length
-
-
-def tree_tokens(width: int, length: int, lookup_ngram: int = 0, lookup_length: int = 0) -> int:
-    """The most tokens a step verifies: `width` drafted beams of `length` (or their search tree, which has
-    1 + width * (length - 1) tokens, no more), and the lookup beam."""
-    return width * length + (step_length(length, lookup_ngram, lookup_length) if lookup_ngram else 0)
+# A whole greedy step in one call: (context [B, H], first token [B], cache k, cache v, slots, starts) ->
+# emitted tokens [B, L], counts [B], hidden [B, H] of the last accepted token; the accepted K/V committed.
+FusedStep = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
 @dataclass
@@ -57,63 +47,78 @@ class StepOutput:
     counts: Tensor  # [B] tokens emitted this step (accepted drafts + bonus)
 
 
+class Steps:
+    """How a decoder runs the stages of a step: propose (draft) -> pack -> verify (the base forward)
+    -> accept (acceptance.py, shared by all) -> commit. This class is the eager runtime code; the
+    redrafter:: custom ops (plugins.ops.PluginSteps) and an engine's compiled programs
+    (builder.programs.CompiledSteps) replace stages. The implementation is chosen once, when the
+    decoder is made: nothing below it asks which one runs."""
+
+    def __init__(self, model: Llama):
+        self.model = model  # its embedding and LM head serve every implementation
+
+    def new_cache(self, slots: int, capacity: int) -> KVCache:
+        return self.model.new_cache(slots, capacity)
+
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor, starts: Tensor,
+                tree_mask: Tensor) -> Tensor:
+        """The base model over new tokens against the cache (Llama.forward) -> hidden [B, T, H]."""
+        return self.model(tokens, positions, cache, slots, starts, tree_mask)
+
+    def draft(self, head: DraftHead, base_head: Tensor | None, context: Tensor, first: Tensor,
+              config: DecodeConfig) -> Tensor:
+        """Beams [B, W, L] (the search tree: [B, W(L-1), L]) from (hidden, guaranteed token)."""
+        return beam_search(head, self.model.embed.weight, base_head, context, first, config.beam_width,
+                           config.beam_length, keep_prefixes=config.keep_prefixes)[0]
+
+    def pack(self, beams: Tensor) -> PackedBeams:
+        return pack_beams(beams)
+
+    def commit(self, cache: KVCache, slots: Tensor, starts: Tensor, path: Tensor) -> None:
+        cache.commit(slots, starts, path)
+
+    def fused(self, config: DecodeConfig) -> FusedStep | None:
+        """A compiled whole greedy step for `config`, where there is one."""
+        return None
+
+
 class Decoder:
     """Owns the KV cache for `max_batch` slots of up to `max_seq_len` tokens each.
 
-    beam_width x beam_length also sizes the scratch area past each sequence, i.e. the
-    largest tree a step can verify; `set_beam_shape` picks any shape within it per step.
-    lookup_ngram > 0 adds a beam copied from each sequence's earlier tokens after a match of
-    its last 1..lookup_ngram tokens (runtime/lookup.py); it needs a drafter. The lookup beam has
-    max(lookup_length, L) tokens: a copied continuation is often right for many tokens, and a
-    long beam costs verified tokens only where a match exists. tree: one of TREES.
+    `limits` (default: `decode`) sizes the scratch area past each sequence, i.e. the largest tree a
+    step can verify, and keeps the token history a lookup beam needs; `set_config` picks any setting
+    within them per step (DecodeConfig.check_within). A lookup beam needs a drafter. Without a
+    drafter the decoder decodes plainly. `steps` runs the stages (default: eager runtime code).
     """
 
-    def __init__(self, model: Llama, drafter: DraftHead | None = None, *, max_batch: int = 1,
-                 max_seq_len: int = 2048, beam_width: int = 4, beam_length: int = 4,
-                 use_plugins: bool = False, draft: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 fused_step: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None, lookup_ngram: int = 0,
-                 lookup_length: int = 0, tree: str = "beams"):
-        if beam_width < 1 or beam_length < 1:
-            raise ValueError(f"beam width and length must be >= 1, got W={beam_width}, L={beam_length}")
-        if lookup_ngram < 0 or (lookup_ngram and drafter is None):
-            raise ValueError(f"lookup_ngram={lookup_ngram}: give 0 (off) or a positive n-gram length, "
-                             "with a drafter (context lookup adds a beam to the drafter's)")
-        if lookup_length < 0 or (lookup_length and not lookup_ngram):
-            raise ValueError(f"lookup_length={lookup_length}: give 0 (the drafted beams' length) or a positive "
-                             "length, with lookup_ngram > 0")
-        if tree not in TREES:
-            raise ValueError(f"tree={tree!r}: give one of {', '.join(TREES)}")
-        if drafter is not None:
+    def __init__(self, model: Llama, drafter: DraftHead | None = None, decode: DecodeConfig | None = None, *,
+                 max_batch: int = 1, max_seq_len: int = 2048, limits: DecodeConfig | None = None,
+                 steps: Steps | None = None):
+        decode = decode or DecodeConfig.for_device(model.embed.weight.device)
+        if drafter is None:
+            if decode.lookup_ngram:
+                raise ValueError(f"lookup_ngram={decode.lookup_ngram} needs a drafter (context lookup adds a beam "
+                                 "to the drafter's): give one, or lookup 0")
+            decode = limits = DecodeConfig.plain()
+        else:
             check_compatible(drafter.cfg, model.cfg.vocab_size, model.cfg.hidden_size)
-        self.model, self.drafter = model, drafter
+        self.limits = limits or decode
+        decode.check_within(self.limits, "the decoder")
+        self.model, self.drafter, self.config = model, drafter, decode
+        self.steps = steps or Steps(model)
         # The shared head's rows of the base LM head, gathered once (draft vocabulary).
         self._draft_lm_head = drafter.output_weight(lm_head_weight(model)) if drafter is not None else None
-        self.beam_width, self.beam_length = beam_width, beam_length
-        self.lookup_ngram, self.lookup_length, self.tree = lookup_ngram, lookup_length, tree
         self.max_seq_len = max_seq_len
-        self.max_tree_tokens = self.tree_tokens(beam_width, beam_length)
-        self.cache = model.new_cache(max_batch, max_seq_len + self.max_tree_tokens)
+        self.max_tree_tokens = self.limits.tree_tokens
+        self.cache = self.steps.new_cache(max_batch, max_seq_len + self.max_tree_tokens)
         dev = model.embed.weight.device
         # Every slot's tokens (prompt, emitted, the next token last): kept only for context lookup.
         self.history = (torch.zeros(max_batch, max_seq_len + self.max_tree_tokens, dtype=torch.long, device=dev)
-                        if lookup_ngram else None)
+                        if self.limits.lookup_ngram else None)
         self.lengths = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.next_token = torch.zeros(max_batch, dtype=torch.long, device=dev)
         self.hidden = torch.zeros(max_batch, model.cfg.hidden_size, dtype=model.embed.weight.dtype, device=dev)
         self.samplers: list[SlotSampler | None] = [None] * max_batch  # None: greedy
-        # use_plugins: draft, pack, attend and commit through the redrafter:: custom ops
-        # (Triton kernels on CUDA, this runtime's code elsewhere).
-        self.use_plugins = use_plugins
-        if use_plugins:
-            from ..plugins import ops as plugin_ops  # registers the ops
-
-            self.plugin_ops = plugin_ops
-        # Compiled programs for the initial beam shape (redrafter.builder), used while that shape
-        # holds. draft: (context [B, H], first token [B]) -> beams [B, W, L]. fused_step: a whole
-        # greedy step, (context, first token, cache k, cache v, slots, starts) -> emitted tokens
-        # [B, L], counts [B], hidden [B, H] of the last accepted token, committing the accepted
-        # K/V in place; used when no row of the batch samples. Both draft the decoder's `tree`.
-        self.draft, self.fused_step, self._draft_shape = draft, fused_step, (beam_width, beam_length)
 
     @property
     def device(self) -> torch.device:
@@ -121,24 +126,12 @@ class Decoder:
 
     @property
     def speculative(self) -> bool:
-        return self.drafter is not None and self.beam_length > 1
+        return self.drafter is not None and self.config.speculative
 
-    def tree_tokens(self, width: int, length: int) -> int:
-        """The most tokens a step with `width` drafted beams of `length` verifies (lookup's beam included)."""
-        return tree_tokens(width, length, self.lookup_ngram, self.lookup_length)
-
-    def step_length(self) -> int:
-        """The most tokens the next step can emit: the longest beam's length."""
-        return step_length(self.beam_length, self.lookup_ngram, self.lookup_length)
-
-    def set_beam_shape(self, width: int, length: int) -> None:
-        """Draft `width` beams of `length` tokens from the next step on (length 1: plain steps)."""
-        if width < 1 or length < 1:
-            raise ValueError(f"beam width and length must be >= 1, got W={width}, L={length}")
-        if self.tree_tokens(width, length) > self.max_tree_tokens:
-            raise ValueError(f"beam shape {width}x{length} exceeds the decoder's scratch area of "
-                             f"{self.max_tree_tokens} tokens: build the decoder with a larger beam shape")
-        self.beam_width, self.beam_length = width, length
+    def set_config(self, config: DecodeConfig) -> None:
+        """Decode with `config` from the next step on (within the decoder's limits)."""
+        config.check_within(self.limits, "the decoder")
+        self.config = config
 
     @torch.inference_mode()
     def prefill(self, slot: int, prompt: list[int], sampler: SlotSampler | None = None) -> int:
@@ -162,8 +155,8 @@ class Decoder:
         ids = torch.tensor([p + [0] * (t - len(p)) for p in prompts], device=dev)
         slot_t = torch.tensor(slots, device=dev)
         start = torch.zeros(b, dtype=torch.long, device=dev)
-        hidden = self.model(ids, torch.arange(t, device=dev)[None].expand(b, t), self.cache, slot_t, start,
-                            causal_mask(b, t, dev), use_plugins=self.use_plugins)
+        hidden = self.steps.forward(ids, torch.arange(t, device=dev)[None].expand(b, t), self.cache, slot_t, start,
+                                    causal_mask(b, t, dev))
         hidden = hidden[torch.arange(b, device=dev), lengths - 1]  # [B, H] at each prompt's last token
         for slot, sampler in zip(slots, samplers or [None] * b):
             self.samplers[slot] = sampler
@@ -209,8 +202,7 @@ class Decoder:
         slot_list = slots.tolist()
         starts = self.lengths[slots]
         tokens = self.next_token[slots][:, None]
-        hidden = self.model(tokens, starts[:, None], self.cache, slots, starts, causal_mask(b, 1, self.device),
-                            use_plugins=self.use_plugins)
+        hidden = self.steps.forward(tokens, starts[:, None], self.cache, slots, starts, causal_mask(b, 1, self.device))
         new = self._pick(self.model.logits(hidden[:, 0]), self._sampling(slot_list, 1), 0)
         self._consume(slot_list, [1] * b)
         return self._advance(slots, starts, new[:, None], torch.ones_like(new), hidden[:, 0])
@@ -218,26 +210,22 @@ class Decoder:
     def _speculative_step(self, slots: Tensor) -> StepOutput:
         m = self.model
         slot_list = slots.tolist()
-        sampling = self._sampling(slot_list, self.step_length())
+        sampling = self._sampling(slot_list, self.config.step_length)
         starts = self.lengths[slots]
-        if sampling is None and self.fused_step is not None and self._built_shape() and not self.lookup_ngram:
-            return self._fused_step(slots, starts)
+        fused = self.steps.fused(self.config) if sampling is None else None
+        if fused is not None:  # a greedy step in one compiled program (draft -> ... -> commit)
+            tokens, counts, hidden = fused(self.hidden[slots], self.next_token[slots], self.cache.k, self.cache.v,
+                                           slots, starts)
+            return self._advance(slots, starts, tokens, counts, hidden)
         beams, packed = self._draft_and_pack(slots)
         positions = starts[:, None] + packed.depth
-        hidden = m(packed.tokens, positions, self.cache, slots, starts, packed.mask,
-                   use_plugins=self.use_plugins)  # [B, T, H]
+        hidden = self.steps.forward(packed.tokens, positions, self.cache, slots, starts, packed.mask)  # [B, T, H]
         if sampling is not None:
             return self._walk_step(slots, slot_list, starts, packed, hidden, sampling)
         out = greedy_verify(beams, packed.unpacker, m.logits(hidden).argmax(-1))
-        self._commit(slots, starts, out.path)
+        self.steps.commit(self.cache, slots, starts, out.path)
         rows = torch.arange(slots.shape[0], device=self.device)
         return self._advance(slots, starts, out.tokens, out.counts, hidden[rows, out.last])
-
-    def _fused_step(self, slots: Tensor, starts: Tensor) -> StepOutput:
-        """A greedy step in one compiled program (draft -> pack -> verify -> accept -> commit)."""
-        tokens, counts, hidden = self.fused_step(self.hidden[slots], self.next_token[slots], self.cache.k,
-                                                 self.cache.v, slots, starts)
-        return self._advance(slots, starts, tokens, counts, hidden)
 
     def _advance(self, slots: Tensor, starts: Tensor, tokens: Tensor, counts: Tensor,
                  hidden: Tensor) -> StepOutput:
@@ -253,47 +241,27 @@ class Decoder:
             self.history[slots[:, None], cols] = tokens
         return StepOutput(tokens, counts)
 
-    def _built_shape(self) -> bool:
-        """Compiled drafting programs hold the beam shape they were built for."""
-        return (self.beam_width, self.beam_length) == self._draft_shape
-
     def _draft_and_pack(self, slots: Tensor) -> tuple[Tensor, PackedBeams]:
-        """Beams [B, W, L] (the search tree: [B, W(L-1), L]) and their packed tree; the drafted ones from the
-        plugin ops, the engine's compiled drafting program (while the beam shape is the built one) or the
-        eager beam search. With context lookup one more beam, all step_length() long, padded with PAD."""
-        m, head = self.model, self.drafter
-        context, first = self.hidden[slots], self.next_token[slots]
-        base_head, keep = self._draft_lm_head, self.tree == "search"
-        if self.use_plugins:
-            beams = self.plugin_ops.draft(head, m.embed.weight, base_head, context, first,
-                                          self.beam_width, self.beam_length, keep_prefixes=keep)
-        elif self.draft is not None and self._built_shape():
-            beams = self.draft(context, first)
-        else:
-            beams, _ = beam_search(head, m.embed.weight, base_head, context, first, self.beam_width, self.beam_length,
-                                   keep_prefixes=keep)
-        if self.lookup_ngram:
+        """Beams [B, W, L] (the search tree: [B, W(L-1), L]) and their packed tree. With context lookup one
+        more beam, all config.step_length long, padded with PAD."""
+        c = self.config
+        beams = self.steps.draft(self.drafter, self._draft_lm_head, self.hidden[slots], self.next_token[slots], c)
+        if c.lookup_ngram:
             ends = self.lengths[slots]
             history = self.history[slots, : int(ends.max()) + 1]
-            beams = torch.nn.functional.pad(beams, (0, self.step_length() - self.beam_length), value=PAD)
-            copied = lookup_beam(history, ends, beams.shape[2], self.lookup_ngram, beams[:, 0])
+            beams = torch.nn.functional.pad(beams, (0, c.step_length - c.beam_length), value=PAD)
+            copied = lookup_beam(history, ends, beams.shape[2], c.lookup_ngram, beams[:, 0])
             beams = torch.cat((beams, copied[:, None]), dim=1)
-        return beams, self.plugin_ops.pack(beams) if self.use_plugins else pack_beams(beams)
-
-    def _commit(self, slots: Tensor, starts: Tensor, path: Tensor) -> None:
-        if self.use_plugins:
-            self.plugin_ops.commit(self.cache, slots, starts, path)
-        else:
-            self.cache.commit(slots, starts, path)
+        return beams, self.steps.pack(beams)
 
     def _walk_step(self, slots: Tensor, slot_list: list[int], starts: Tensor, packed: PackedBeams, hidden: Tensor,
                    sampling: tuple[Tensor, BatchSampling]) -> StepOutput:
         """Verification for a batch with sampling rows: walk each tree, drawing from the base
         model's distribution at every visited node (logits only where the walk goes)."""
         rows = torch.arange(slots.shape[0], device=self.device)
-        walk = tree_walk(packed, self.step_length(),
+        walk = tree_walk(packed, self.config.step_length,
                          lambda node, d: self._pick(self.model.logits(hidden[rows, node]), sampling, d))
-        self._commit(slots, starts, walk.path)
+        self.steps.commit(self.cache, slots, starts, walk.path)
         self._consume(slot_list, walk.counts.tolist())
         return self._advance(slots, starts, walk.tokens, walk.counts, hidden[rows, walk.path[rows, walk.counts - 1]])
 

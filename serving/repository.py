@@ -10,13 +10,11 @@ of it; the repository only says what to serve.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from redrafter.runtime.decoding import TREES
-from redrafter.runtime.scheduler import default_beam_shape
+from redrafter.runtime.atomic import atomic_dir
+from redrafter.runtime.config import DecodeConfig
 
 from .protocol import INPUTS, OUTPUTS, TensorSpec
 
@@ -36,37 +34,27 @@ class ModelSource:
     drafter: str = "default"  # "none": plain decoding
     max_batch_size: int = 0  # decoder slots; 0: the engine's (8 for base + drafter)
     max_seq_len: int = 2048  # base + drafter only; an engine has its own
-    beam_width: int = 0  # base + drafter only; 0: the CPU's default, W1 L2 (runtime/scheduler.py)
-    beam_length: int = 0
+    # None: an engine's built setting, or the CPU's default (DecodeConfig.for_device); an engine
+    # runs any setting within its built one.
+    decode: DecodeConfig | None = None
     # "adaptive": plain decoding and beam shapes up to W x L, the fastest per batch size as measured
-    # (runtime/scheduler.py); on this project's CPU, over plain and W1 L2, 1.17x plain decoding at
-    # batch 1 and 0.98-0.99x at batch 2-8, where fixed W1 L2 fell to 0.90x (BENCHMARKS.md).
+    # (runtime/scheduler.py): on a CPU a fixed shape loses to plain decoding at larger batches.
     beam_policy: str = "adaptive"
-    lookup_ngram: int = 0  # base + drafter only (an engine has its own): context lookup beam, 0 = off
-    lookup_length: int = 0  # the lookup beam's tokens if more than beam_length; 0: beam_length
-    tree: str = "beams"  # base + drafter only: what a step verifies (runtime.decoding.TREES)
 
     def __post_init__(self) -> None:
         if bool(self.engine) == bool(self.base):
             raise ValueError("serve either an engine (--engine DIR) or a base model and drafter (--base, --drafter)")
         if self.beam_policy not in BEAM_POLICIES:
             raise ValueError(f"beam policy {self.beam_policy!r} is unknown: choose one of {', '.join(BEAM_POLICIES)}")
-        for name in ("max_batch_size", "max_seq_len", "beam_width", "beam_length", "lookup_ngram", "lookup_length"):
+        for name in ("max_batch_size", "max_seq_len"):
             value = getattr(self, name)
             least = 1 if name == "max_seq_len" else 0
             if not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r} is invalid: give a positive integer"
                                  + ("" if least else " (or 0 for the default)"))
-        if self.lookup_ngram and (self.engine or self.drafter == "none"):
-            raise ValueError("a lookup beam needs --base with a drafter (an engine is built with its own "
-                             "`redrafter build --lookup`): drop --lookup")
-        if self.lookup_length and not self.lookup_ngram:
-            raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too, or drop it")
-        if self.tree not in TREES:
-            raise ValueError(f"tree={self.tree!r} is unknown: choose one of {', '.join(TREES)}")
-        if self.tree != "beams" and (self.engine or self.drafter == "none"):
-            raise ValueError("a search tree needs --base with a drafter (an engine is built with its own "
-                             "`redrafter build --tree`): drop --tree")
+        if self.decode is not None and self.decode.speculative and self.drafter == "none" and not self.engine:
+            raise ValueError("drafting (a beam length above 1, a lookup beam or a search tree) needs a drafter: "
+                             "drop the decoding options or give --drafter")
         if self.engine and not (Path(self.engine) / "config.json").is_file():
             raise FileNotFoundError(f"{self.engine!r} is not an engine directory (no config.json): "
                                     "build one with `redrafter build`")
@@ -74,11 +62,11 @@ class ModelSource:
     def __str__(self) -> str:
         if self.engine:
             return f"engine {self.engine}"
-        width, length = default_beam_shape("cpu")
-        beams = f"{self.beam_width or width}x{self.beam_length or length}"
-        lookup = f", lookup {self.lookup_ngram}" if self.lookup_ngram else ""
-        lookup += f" x {self.lookup_length}" if self.lookup_length else ""
-        tree = ", search tree" if self.tree == "search" else ""
+        d = self.decode or DecodeConfig.for_device("cpu")
+        beams = f"{d.beam_width}x{d.beam_length}"
+        lookup = f", lookup {d.lookup_ngram}" if d.lookup_ngram else ""
+        lookup += f" x {d.lookup_length}" if d.lookup_length else ""
+        tree = ", search tree" if d.tree == "search" else ""
         return (f"base {self.base} + drafter {self.drafter} (max_seq_len {self.max_seq_len}, "
                 f"beams {beams}{tree}{lookup}, {self.beam_policy})")
 
@@ -94,24 +82,30 @@ class ModelSource:
         return cls(engine=spec(engine), base=spec(base), drafter=spec(drafter) or "none", **options)
 
     def parameters(self) -> dict[str, str]:
-        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+        """Triton parameters (strings): the decode setting's fields flat, where one is given."""
+        own = {f.name: str(getattr(self, f.name)) for f in fields(self) if f.name != "decode"}
+        return own | {k: str(v) for k, v in (self.decode.to_json() if self.decode else {}).items()}
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "ModelSource":
-        kinds = {f.name: f.type for f in fields(cls)}
-        return cls(**{k: int(v) if kinds[k] == "int" else v for k, v in params.items() if k in kinds})
+        kinds = {f.name: f.type for f in fields(cls) if f.name != "decode"}
+        decode = {f.name: f.type for f in fields(DecodeConfig)}
+        given = {k: int(v) if decode[k] == "int" else v for k, v in params.items() if k in decode}
+        return cls(decode=DecodeConfig(**given) if given else None,
+                   **{k: int(v) if kinds[k] == "int" else v for k, v in params.items() if k in kinds})
 
     def open_session(self):
         from redrafter.runtime.session import Session
 
         policy = None if self.beam_policy == "fixed" else self.beam_policy
         if self.engine:
-            return Session.open(self.engine, max_batch_size=self.max_batch_size or None, beam_policy=policy)
+            from redrafter.builder.engine import open_session
+
+            return open_session(self.engine, max_batch_size=self.max_batch_size or None, decode=self.decode,
+                                beam_policy=policy)
         return Session.load(self.base, None if self.drafter == "none" else self.drafter,
                             max_batch_size=self.max_batch_size or 8, max_seq_len=self.max_seq_len,
-                            beam_width=self.beam_width or None, beam_length=self.beam_length or None,
-                            beam_policy=policy, lookup_ngram=self.lookup_ngram,
-                            lookup_length=self.lookup_length, tree=self.tree)
+                            decode=self.decode, beam_policy=policy)
 
 
 def model_config(name: str, source: ModelSource, instances: int = 1) -> str:
@@ -157,22 +151,10 @@ def write_repository(output: str | os.PathLike, source: ModelSource, *, name: st
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not any(out.glob("*/config.pbtxt")))):
         raise ValueError(f"{str(out)!r} exists and is not a Triton model repository: choose another --output")
     config = model_config(name, source, instances)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / name / "1").mkdir(parents=True)
         (tmp / name / "config.pbtxt").write_text(config)
         (tmp / name / "1" / "model.py").write_text(MODEL_PY)
-        old = out.with_name(f".{out.name}.old") if out.exists() else None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -74,7 +74,9 @@ def tiny_hf_dir(tmp_path_factory, smollm2_dir):
     from redrafter.runtime.loading import save_hf_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
-    model = tiny_llama(tied=True, vocab=49152, eos_token_ids=[2], bos_token_id=1)
+    from redrafter.runtime.loading import SMOLLM2_135M
+
+    model = tiny_llama(tied=True, vocab=SMOLLM2_135M["vocab_size"], eos_token_ids=[2], bos_token_id=1)
     base = save_hf_checkpoint(model, root / "base", tokenizer_dir=smollm2_dir)
     drafter = save_drafter(tiny_drafter(model, head="shared", draft_vocab_size=4096), root / "drafter")
     return base, drafter

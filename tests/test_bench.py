@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.bench.metrics import agreement, figures, mismatches
 from redrafter.bench.systems import Run
 from redrafter.cli import main
@@ -82,7 +83,7 @@ def test_jsonl_prompts_formats_and_errors(tmp_path, prompt_file):
 def test_named_datasets_are_mtbench_first_turns_and_sharegpt_heldout():
     from redrafter.bench import load_prompts
     from redrafter.datasets import mtbench_first_turns
-    from redrafter.training.data import heldout_prompts
+    from redrafter.datasets import heldout_prompts
 
     assert load_prompts("mtbench", 3) == mtbench_first_turns(3) and len(mtbench_first_turns(3)) == 3
     assert load_prompts("sharegpt", 2) == heldout_prompts(2) and all(heldout_prompts(2))
@@ -207,15 +208,16 @@ def test_plain_only_without_a_drafter(tiny_hf_dir, prompt_file, tmp_path):
 # ---- bad input: clear errors before any model loads ----
 
 @pytest.mark.parametrize("args, message", [
-    (["--beam-width", "0"], "beam width W must be >= 1"),
-    (["--beam-width", "2,x"], "expected comma-separated integers"),
-    (["--beam-length", "1"], "beam length L (it counts the guaranteed token) must be >= 2"),
-    (["--batch-sizes", "0,2"], "batch sizes must be >= 1"),
-    (["--lookup", "-1"], "lookup n-gram must be >= 0"),
-    (["--lookup-length", "0"], "must be >= 1"),
+    (["--beam-width", "0"], "argument --beam-width: must be >= 1, got 0"),
+    (["--beam-width", "2,x"], "argument --beam-width: expected an integer, got 'x'"),
+    (["--beam-length", "2,0"], "argument --beam-length: must be >= 1, got 0"),
+    (["--batch-sizes", "0,2"], "argument --batch-sizes: must be >= 1, got 0"),
+    (["--batch-sizes", ","], "argument --batch-sizes: expected a comma-separated list, got ','"),
+    (["--lookup", "-1"], "argument --lookup: must be >= 0, got -1"),
+    (["--lookup-length", "-1"], "argument --lookup-length: must be >= 0, got -1"),
     (["--questions", "0"], "must be >= 1"),
     (["--peers", "vllm"], "unknown peer(s) ['vllm']"),
-    (["--tree", "beams,bushy"], "expected a comma-separated list of beams, search, got 'beams,bushy'"),
+    (["--tree", "beams,bushy"], "argument --tree: expected beams or search, got 'bushy'"),
 ])
 def test_bad_arguments_are_rejected_by_the_parser(args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -245,9 +247,7 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     from redrafter.builder.build import BuildOptions, build_engine
 
     base, drafter = tiny_hf_dir
-    engine = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager",
-                                       beam_width=2, beam_length=3, max_batch_size=2, max_seq_len=128,
-                                       progress=False))
+    engine = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager", max_batch_size=2, max_seq_len=128, progress=False, decode=DecodeConfig(beam_width=2, beam_length=3)))
     json_out = tmp_path / "bench.json"
     args = ["bench", "--engine", str(engine), "--base", str(base), "--dataset", str(prompt_file),
             "--max-new-tokens", "4", "--batch-sizes", "2", "--peers", "hf", "--json", str(json_out)]
@@ -257,17 +257,44 @@ def test_bench_runs_a_built_engine(tiny_hf_dir, prompt_file, tmp_path, capsys):
     assert [(r["label"], r["batch_size"]) for r in report["results"]] == [
         ("plain", 2), ("redrafter W2 L3", 2), ("hf", 2)]
     assert report["identical"] is True
-    # The engine fixes its beam shape and largest batch.
+    # Settings within the engine's built ones run (here the search tree, 1 + 2*2 <= 6 tokens, and W1 L2);
+    # larger trees, a lookup beam it has no room for and larger batches are refused.
+    assert main([*args, "--tree", "search", "--beam-width", "1,2", "--beam-length", "2,3", "--peers", "none"]) == 0
+    report = json.loads(json_out.read_text())
+    assert [r["label"] for r in report["results"]] == [
+        "plain", "redrafter W1 L2 search-tree", "redrafter W1 L3 search-tree", "redrafter W2 L2 search-tree",
+        "redrafter W2 L3 search-tree"] and report["identical"] is True
     capsys.readouterr()
     assert main([*args[:-2], "--beam-width", "4"]) == 2
-    assert "the engine was built for W=2, L=3" in capsys.readouterr().err
+    assert "W4 L3 (12 tree tokens) exceeds the engine " in capsys.readouterr().err
     assert main([*args[:-2], "--batch-sizes", "4"]) == 2
     assert "exceeds the engine's max batch size 2" in capsys.readouterr().err
     assert main([*args[:-2], "--lookup", "2"]) == 2
-    assert "an engine's lookup beam is chosen when it is built (`redrafter build --lookup N --lookup-length K`)" \
-        in capsys.readouterr().err
-    assert main([*args[:-2], "--tree", "search"]) == 2
-    assert "an engine's tree is chosen when it is built (`redrafter build --tree search`)" in capsys.readouterr().err
+    assert "was built without a lookup beam: drop --lookup, or rebuild with --lookup N" in capsys.readouterr().err
+
+
+def test_bench_compares_engines_in_one_rotation_each_against_its_own_plain_decoding(tiny_hf_dir, prompt_file,
+                                                                                      tmp_path):
+    """Several --engine take turns; an engine with a step program runs it ("fused") and its draft and
+    forward programs ("unfused"), each checked against that engine's own plain decoding."""
+    from redrafter.builder.build import BuildOptions, build_engine
+
+    base, drafter = tiny_hf_dir
+    engines = [build_engine(BuildOptions(output=tmp_path / name, base=base, drafter=drafter, backend=backend,
+                                         max_batch_size=1, max_seq_len=128, progress=False,
+                                         decode=DecodeConfig(beam_width=2, beam_length=3)))
+               for name, backend in (("e", "eager"), ("o", "onnx"))]
+    json_out = tmp_path / "bench.json"
+    assert main(["bench", *(x for e in engines for x in ("--engine", str(e))), "--dataset", str(prompt_file),
+                 "--max-new-tokens", "6", "--peers", "none", "--json", str(json_out)]) == 0
+    report = json.loads(json_out.read_text())
+    rows = {r["label"]: r for r in report["results"]}
+    assert list(rows) == ["e plain", "e redrafter W2 L3", "o plain", "o redrafter W2 L3 unfused",
+                          "o redrafter W2 L3 fused"]
+    assert [r["engine"] for r in rows.values()] == ["e", "e", "o", "o", "o"]
+    assert all(r["identical"] and r["mismatches"] == [] for r in rows.values())
+    assert rows["e plain"]["tokens_per_step"] == 1.0 and rows["o redrafter W2 L3 fused"]["tokens_per_step"] >= 1.0
+    assert [e["engine"] for e in report["settings"]["engines"]] == [str(e) for e in engines]
 
 
 def test_bench_measures_the_final_beams_and_the_search_tree_side_by_side(tiny_hf_dir, prompt_file, tmp_path,

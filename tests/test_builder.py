@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ import torch
 from torch import Tensor
 from safetensors.torch import load_file, save_file
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.builder import build as build_mod
 from redrafter.builder.build import BuildOptions, build_engine
-from redrafter.builder.engine import SCHEMA_VERSION, file_checksums, load_engine
+from redrafter.builder.engine import SCHEMA_VERSION, file_checksums, load_engine, open_session
 from redrafter.builder.programs import DraftBeams
 from conftest import tiny_drafter, tiny_llama
 from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_model, quantize_weight
@@ -38,11 +40,7 @@ def build(tiny_hf_dir, tmp_path_factory):
             exact_attention: bool = False, lookup_ngram: int = 0, lookup_length: int = 0, tree: str = "beams") -> Path:
         key = (backend, quantize, plugin_ops, dtype, exact_attention, lookup_ngram, lookup_length, tree)
         if key not in built:
-            built[key] = build_engine(BuildOptions(
-                output=root / "-".join(map(str, key)), base=base, drafter=drafter,
-                backend=backend, quantize=quantize, beam_width=3, beam_length=4, max_batch_size=2,
-                max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, exact_attention=exact_attention,
-                lookup_ngram=lookup_ngram, lookup_length=lookup_length, tree=tree, progress=False))
+            built[key] = build_engine(BuildOptions(output=root / "-".join(map(str, key)), base=base, drafter=drafter, backend=backend, quantize=quantize, max_batch_size=2, max_seq_len=MAX_SEQ_LEN, plugin_ops=plugin_ops, dtype=dtype, exact_attention=exact_attention, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4, tree=tree, lookup_ngram=lookup_ngram, lookup_length=lookup_length)))
         return built[key]
 
     return get
@@ -51,7 +49,7 @@ def build(tiny_hf_dir, tmp_path_factory):
 def greedy(engine_dir: Path, speculative: bool = True, n: int = 24, fused_step: bool | None = None) -> list[list[int]]:
     e = load_engine(engine_dir)
     prompts = [e.encode_chat(p) for p in PROMPTS]
-    decoder = e.decoder(speculative=speculative, fused_step=fused_step)
+    decoder = e.decoder(fused_step=fused_step, decode=None if speculative else DecodeConfig.plain())
     return [g.token_ids for g in generate(decoder, prompts, n, e.eos_ids)]
 
 
@@ -102,8 +100,8 @@ def test_an_aoti_engine_with_a_lookup_beam_decodes_like_eager(build):
     fused step program, which has no lookup beam, is passed over)."""
     path = build("aoti", lookup_ngram=3, lookup_length=6)
     e = load_engine(path)
-    assert e.options.lookup_ngram == 3 and e.decoder().lookup_ngram == 3
-    assert e.options.lookup_length == 6 and e.decoder().step_length() == 6
+    assert e.options.decode.lookup_ngram == 3 and e.decoder().config.lookup_ngram == 3
+    assert e.options.decode.lookup_length == 6 and e.decoder().config.step_length == 6
     assert e.options.cache_capacity == MAX_SEQ_LEN + 3 * 4 + 6
     eager = greedy(build("eager"))
     assert greedy(path) == eager == greedy(path, speculative=False) == greedy(path, fused_step=True)
@@ -115,7 +113,7 @@ def test_an_aoti_engine_verifying_the_search_tree_decodes_like_eager(build):
     decoding's, and the engine accepts more per step than with its final beams alone."""
     path = build("aoti", tree="search")
     e = load_engine(path)
-    assert e.options.tree == "search" and e.decoder().tree == "search"
+    assert e.options.decode.tree == "search" and e.decoder().config.tree == "search"
     assert e.options.cache_capacity == MAX_SEQ_LEN + 3 * 4
     eager = greedy(build("eager"))
     assert greedy(path) == eager == greedy(path, fused_step=True)
@@ -183,9 +181,7 @@ def test_a_static_key_span_engine_decodes_like_eager(build, tiny_hf_dir, tmp_pat
 
     monkeypatch.setattr(programs, "static_span", lambda device, capacity: capacity - 1)
     base, drafter = tiny_hf_dir
-    path = build_engine(BuildOptions(output=tmp_path / "static", base=base, drafter=drafter, backend="aoti",
-                                     beam_width=3, beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN,
-                                     progress=False))
+    path = build_engine(BuildOptions(output=tmp_path / "static", base=base, drafter=drafter, backend="aoti", max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4)))
     assert greedy(path) == greedy(path, speculative=False) == greedy(build("eager"))
 
 
@@ -220,11 +216,11 @@ def test_onnx_step_program_holds_the_plugin_nodes_and_decodes_like_eager(build):
 def test_aoti_engine_samples_through_its_draft_and_forward_programs(build):
     """Sampling steps walk the tree on the host (the step program is greedy only); seeded
     output equals the eager engine's."""
-    from redrafter.runtime.session import SamplingParams, Session
+    from redrafter.runtime.session import SamplingParams
 
     outs = {}
     for backend in ("eager", "aoti"):
-        session = Session.open(build(backend))
+        session = open_session(build(backend))
         try:
             outs[backend] = [o.token_ids for o in session.generate(
                 PROMPTS, SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=5))]
@@ -258,15 +254,14 @@ def test_a_crash_loading_a_compiled_program_ends_the_build_with_a_clear_error(ti
     base, drafter = tiny_hf_dir
     out = tmp_path / "crashing"
     with pytest.raises(ValueError, match=r"crashed the process \(SIGSEGV\).*--backend eager"):
-        build_engine(BuildOptions(output=out, base=base, drafter=drafter, backend="aoti", beam_width=3,
-                                  beam_length=4, max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False))
+        build_engine(BuildOptions(output=out, base=base, drafter=drafter, backend="aoti", max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4)))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_session_opens_an_engine(build):
-    from redrafter.runtime.session import SamplingParams, Session
+    from redrafter.runtime.session import SamplingParams
 
-    session = Session.open(build("aoti"))
+    session = open_session(build("aoti"))
     try:
         outs = session.generate(PROMPTS, SamplingParams(max_new_tokens=24))
     finally:
@@ -302,9 +297,7 @@ def test_an_engine_from_before_quantized_drafting_still_drafts_in_float(tiny_hf_
     """Engines record the draft head's quantization; one without the record (built before it
     existed) has float draft programs and loads them as such."""
     base, drafter = tiny_hf_dir
-    path = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, quantize="int8",
-                                     draft_quantize="none", beam_width=3, beam_length=4, max_batch_size=2,
-                                     max_seq_len=MAX_SEQ_LEN, progress=False))
+    path = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, quantize="int8", draft_quantize="none", max_batch_size=2, max_seq_len=MAX_SEQ_LEN, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4)))
     cfg = json.loads((path / "config.json").read_text())
     del cfg["build"]["draft_quantize"]
     (path / "config.json").write_text(json.dumps(cfg))
@@ -430,7 +423,7 @@ def test_a_quantized_model_drafts_from_float_lm_head_rows_and_stays_lossless(tie
         assert rows.shape == float_head.shape and 0 < (rows - float_head).abs().max() < 0.1
     prompts = [[1, 5, 9, 2], [7, 3]]
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=40), prompts, 12)
-    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, beam_width=3, beam_length=3), prompts, 12)
+    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, decode=DecodeConfig(beam_width=3, beam_length=3)), prompts, 12)
     assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
     # int8 takes any shape; a head that torch's int4 packing cannot take stays float.
     odd = quantize_model(tiny_llama(tied, vocab=97), kind)
@@ -463,7 +456,7 @@ def test_a_quantized_engine_drafts_with_a_quantized_copy_of_its_head(kind, head_
     assert ref.shape == got.shape and 0 < (got - ref).norm() / ref.norm() < {"int8": 0.03, "int4": 0.2}[kind]
     prompts = [[1, 5, 9, 2], [7, 3]]
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=40), prompts, 12)
-    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, beam_width=3, beam_length=3, draft=draft),
+    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, draft=draft, decode=DecodeConfig(beam_width=3, beam_length=3)),
                     prompts, 12)
     assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
 
@@ -632,61 +625,67 @@ def test_tensorrt_without_tensorrt_writes_onnx_and_says_what_is_missing(tiny_hf_
 
 
 def test_beams_default_by_device_and_explicit_values_stay():
-    """W1 L2 on the CPU, W4 L4 on CUDA (BENCHMARKS.md); a given value, even an invalid one, is kept."""
-    assert (BuildOptions(output="x").beam_width, BuildOptions(output="x").beam_length) == (1, 2)
-    cuda = BuildOptions(output="x", device="cuda")
-    assert (cuda.beam_width, cuda.beam_length) == (4, 4)
-    assert BuildOptions(output="x", beam_width=3).beam_width == 3
-    with pytest.raises(ValueError, match="beam_width"):
-        BuildOptions(output="x", beam_width=0).validate()
-    with pytest.raises(ValueError, match="unknown tree 'bushy': choose one of beams, search"):
-        BuildOptions(output="x", tree="bushy").validate()
+    """W1 L2 on the CPU, W4 L4 on CUDA (DecodeConfig.for_device); a given setting is kept."""
+    shape = lambda o: (o.decode.beam_width, o.decode.beam_length)  # noqa: E731
+    assert shape(BuildOptions(output="x")) == (1, 2) and shape(BuildOptions(output="x", device="cuda")) == (4, 4)
+    assert BuildOptions(output="x", decode=DecodeConfig(beam_width=3)).decode == DecodeConfig(3, 2)
+    with pytest.raises(ValueError, match="beam_width \\(--beam-width\\) must be an integer >= 1, got 0"):
+        DecodeConfig(beam_width=0)
+    with pytest.raises(ValueError, match="tree='bushy': give one of beams, search"):
+        DecodeConfig(tree="bushy")
 
 
-def test_cli_builds_an_engine(tiny_hf_dir, tmp_path, capsys):
+def test_an_engine_built_with_defaults_serves_concurrent_requests(tiny_hf_dir, tmp_path):
+    """`redrafter build` without --max-batch-size: 8 slots, so a served engine batches requests."""
+    from redrafter.builder.engine import EngineOptions
+    from redrafter.cli import build_parser, main
+    from redrafter.runtime.session import SamplingParams
+
+    assert build_parser().parse_args(["build", "--output", "x"]).max_batch_size == 8
+    assert BuildOptions(output="x").max_batch_size == EngineOptions().max_batch_size == 8
+    base, drafter = tiny_hf_dir
+    out = tmp_path / "cli-engine"
+    assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(out), "--backend", "eager",
+                 "--max-seq-len", "48", "--no-progress"]) == 0
+    with open_session(out) as s:
+        assert s.max_batch_size == 8
+        outs = s.generate(["Hello there", "Hi", "Write a poem"], SamplingParams(max_new_tokens=6, ignore_eos=True))
+        assert [len(o.token_ids) for o in outs] == [6, 6, 6]
+        assert s.metrics()["batch_size"]["max"] == 3  # all three decoded together
+
+
+def test_cli_build_records_the_decode_flags_as_the_engines_limits(tiny_hf_dir, tmp_path):
     from redrafter.cli import main
 
     base, drafter = tiny_hf_dir
     out = tmp_path / "cli-engine"
     assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(out),
                  "--backend", "eager", "--max-seq-len", "32", "--exact-attention", "--lookup", "2",
-                 "--lookup-length", "5", "--no-progress"]) == 0
+                 "--lookup-length", "5", "--tree", "search", "--no-progress"]) == 0
     e = load_engine(out)
     assert e.options.max_seq_len == 32 and e.model.layers[0].attn.work_dtype == torch.float64
-    assert (e.options.beam_width, e.options.beam_length) == (1, 2)  # the CPU's default beam shape
-    assert e.options.lookup_ngram == 2 and e.decoder().lookup_ngram == 2
-    assert e.options.lookup_length == 5 and e.decoder().step_length() == 5
-    assert main(["build", "--base", str(base), "--drafter", str(drafter), "--output", str(tmp_path / "t"),
-                 "--backend", "eager", "--tree", "search", "--max-seq-len", "32", "--no-progress"]) == 0
-    assert load_engine(tmp_path / "t").decoder().tree == "search"
-    assert main(["build", "--base", str(base), "--output", str(tmp_path / "k"), "--lookup-length", "5",
-                 "--no-progress"]) == 2
-    assert "lookup_length must be >= 0 (0: the beam length), with lookup_ngram > 0" in capsys.readouterr().err
-    assert main(["build", "--base", str(base), "--output", str(tmp_path / "z"), "--lookup", "-1",
-                 "--no-progress"]) == 2
-    assert "lookup_ngram must be >= 0 (0: off), got -1" in capsys.readouterr().err
-    assert main(["build", "--base", str(base), "--output", str(tmp_path / "x"), "--backend", "onnx",
-                 "--quantize", "int8", "--no-progress"]) == 2
-    assert "int8" in capsys.readouterr().err
-    assert main(["build", "--base", str(base), "--output", str(tmp_path / "y"), "--backend", "onnx",
-                 "--quantize", "int4", "--no-progress"]) == 2
-    assert "int4" in capsys.readouterr().err
+    # The CPU's default beam shape, with the flags given; the decoder runs the built setting by default.
+    assert e.options.decode == DecodeConfig(1, 2, "search", lookup_ngram=2, lookup_length=5)
+    assert e.decoder().config == e.options.decode and e.decoder().config.step_length == 5
+    assert json.loads((out / "config.json").read_text())["build"]["decode"] == {
+        "beam_width": 1, "beam_length": 2, "tree": "search", "lookup_ngram": 2, "lookup_length": 5}
 
 
-def test_compare_times_each_engine_and_counts_prompts_equal_to_plain(tiny_hf_dir, tmp_path, capsys):
-    """`python -m redrafter.builder.compare` on a tiny eager engine and MT-Bench prompts."""
-    from redrafter.builder import compare
+@pytest.mark.parametrize("flags,message", [
+    (["--lookup-length", "5"], "lookup_length=5 sets the lookup beam's length: give lookup_ngram > 0"),
+    (["--backend", "onnx", "--quantize", "int8"], "int8 engines use torch's weight-only int8 matmul"),
+    (["--backend", "onnx", "--quantize", "int4"], "int4 engines use torch's weight-only int4 matmul"),
+])
+def test_cli_build_refuses_options_that_do_not_go_together(tiny_hf_dir, tmp_path, capsys, flags, message):
+    from redrafter.cli import main
 
-    base, drafter = tiny_hf_dir
-    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager",
-                                       beam_width=2, beam_length=3, max_seq_len=512, progress=False))
-    out = tmp_path / "compare.json"
-    assert compare.main([str(engine), "--questions", "2", "--max-new-tokens", "6", "--json", str(out)]) == 0
-    rows = {r["system"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"e plain", "e redrafter"}
-    assert rows["e plain"]["tokens_per_step"] == 1.0 and 0 < rows["e plain"]["tokens"] <= 12
-    assert rows["e redrafter"]["equals_plain"] and rows["e redrafter"]["prompts_equal_to_plain"] == 2
-    assert "| e redrafter |" in capsys.readouterr().out
+    base, _ = tiny_hf_dir
+    out = tmp_path / "e"
+    assert main(["build", "--base", str(base), "--output", str(out), "--no-progress", *flags]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):  # argparse: a count below the field's minimum
+        main(["build", "--base", str(base), "--output", str(out), "--lookup", "-1"])
+    assert "argument --lookup: must be >= 0, got -1" in capsys.readouterr().err
 
 
 def test_device_check_builds_and_runs_engines_on_the_cpu(tmp_path, capsys):
@@ -703,3 +702,13 @@ def test_device_check_builds_and_runs_engines_on_the_cpu(tmp_path, capsys):
     assert r["engine"] == "eager-none" and r["redrafter_equals_plain"]
     assert r["redrafter"]["steps"] >= 1 and r["plain"]["tok_per_s"] > 0
     assert capsys.readouterr().out.strip().endswith("OK")
+
+
+def test_engine_options_read_the_decode_setting_of_old_and_new_config_files():
+    """Engines before DecodeConfig kept its fields among the build options (tree and lookup only later)."""
+    from redrafter.builder.engine import EngineOptions
+
+    old = EngineOptions.from_json({"beam_width": 3, "beam_length": 4, "max_batch_size": 1, "backend": "aoti"})
+    assert old.decode == DecodeConfig(3, 4, "beams") and old.max_batch_size == 1 and old.backend == "aoti"
+    new = EngineOptions(decode=DecodeConfig(2, 5, "search", lookup_ngram=3))
+    assert EngineOptions.from_json(json.loads(json.dumps(asdict(new)))) == new

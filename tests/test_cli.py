@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.cli import main
 
 
@@ -26,20 +27,22 @@ def test_generate_json_matches_no_spec(tiny_hf_dir, capsys, lookup):
     assert spec["tree"] == ("search" if "--tree" in lookup else "beams")
     assert main(args + ["--no-spec"]) == 0
     plain = json.loads(capsys.readouterr().out)
-    for key in ("text", "token_ids", "tokens", "steps", "tokens_per_step", "tok_per_s"):
-        assert key in spec
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["tokens"] == len(spec["token_ids"]) <= 12
+    assert (spec["beam_width"], spec["beam_length"]) == (3, 3) and 1 <= spec["steps"] < spec["tokens"]
+    # Steps emit 1..L tokens (the last may emit more than the output keeps).
+    assert (spec["tokens"] - 1) / spec["steps"] - 1e-3 <= spec["tokens_per_step"] <= 3
     assert plain["steps"] == plain["tokens"] - 1 and plain["tokens_per_step"] == 1.0
 
 
 def test_a_lookup_beam_without_a_drafter_is_refused(capsys):
     assert main(["generate", "--prompt", "Hi", "--no-spec", "--lookup", "3"]) == 2
-    assert "--lookup adds a beam to the drafter's: drop --no-spec or --lookup" in capsys.readouterr().err
+    assert "--no-spec decodes plainly: drop --lookup" in capsys.readouterr().err
     assert main(["generate", "--prompt", "Hi", "--lookup-length", "8"]) == 2
-    assert "--lookup-length sets the lookup beam's length: give --lookup N too" in capsys.readouterr().err
+    assert "lookup_length=8 sets the lookup beam's length: give lookup_ngram > 0 (--lookup N) too" \
+        in capsys.readouterr().err
     assert main(["generate", "--prompt", "Hi", "--no-spec", "--tree", "search"]) == 2
-    assert "--tree chooses what the drafter's beam search verifies: drop --no-spec or --tree" in capsys.readouterr().err
+    assert "--no-spec decodes plainly: drop --tree" in capsys.readouterr().err
 
 
 def test_sampled_generation_is_the_same_with_and_without_drafting(tiny_hf_dir, capsys):
@@ -63,8 +66,14 @@ def test_generate_prints_text_and_a_summary_line(tiny_hf_dir):
     base, drafter = tiny_hf_dir
     out = run_cli("generate", "--prompt", "Hi", "--max-new-tokens", "5", "--base", str(base), "--drafter", str(drafter))
     assert out.returncode == 0, out.stderr
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("[") and "tokens/step" in last and "tok/s" in last
+    *text, last = out.stdout.strip().splitlines()
+    import re
+
+    m = re.fullmatch(r"\[(\d+) tokens, (\d+) steps, ([\d.]+) tokens/step, ([\d.]+) tok/s\]", last)
+    assert m, last
+    tokens, steps, per_step = int(m[1]), int(m[2]), float(m[3])
+    assert 1 <= tokens <= 5 and 1 <= steps < tokens and (tokens - 1) / steps - 1e-3 <= per_step <= 2  # W1 L2
+    assert "".join(text).strip()  # the streamed completion came before the summary
 
 
 def test_bad_paths_give_a_clear_error_not_a_traceback(tmp_path):
@@ -104,19 +113,19 @@ def test_sigterm_stops_a_command_like_ctrl_c(monkeypatch, capsys):
 
 
 def test_counts_below_one_are_refused_naming_the_flag(capsys):
-    for flag in ("--beam-width", "--beam-length", "--max-new-tokens", "--max-seq-len", "--lookup", "--lookup-length"):
+    for flag, least in (("--beam-width", 1), ("--beam-length", 1), ("--max-new-tokens", 1), ("--max-seq-len", 1),
+                        ("--lookup", 0), ("--lookup-length", 0)):
         with pytest.raises(SystemExit) as stop:
-            main(["generate", "--prompt", "Hi", flag, "0"])
+            main(["generate", "--prompt", "Hi", flag, str(least - 1)])
         assert stop.value.code == 2
-        assert f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+        assert f"argument {flag}: must be >= {least}, got {least - 1}" in capsys.readouterr().err
 
 
 def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, tmp_path, capsys):
     from redrafter.builder.build import BuildOptions, build_engine
 
     base, drafter = tiny_hf_dir
-    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager",
-                                       beam_width=2, beam_length=3, max_seq_len=128, progress=False))
+    engine = build_engine(BuildOptions(output=tmp_path / "e", base=base, drafter=drafter, backend="eager", max_seq_len=128, progress=False, decode=DecodeConfig(beam_width=2, beam_length=3)))
     args = ["generate", "--prompt", "Hello there", "--max-new-tokens", "10", "--json"]
     assert main(args + ["--engine", str(engine)]) == 0
     spec = json.loads(capsys.readouterr().out)
@@ -124,7 +133,19 @@ def test_generate_runs_an_engine_with_the_tokens_of_its_base_model(tiny_hf_dir, 
     plain = json.loads(capsys.readouterr().out)
     assert spec["token_ids"] == plain["token_ids"] and spec["text"] == plain["text"]
     assert spec["speculative"] and (spec["beam_width"], spec["beam_length"]) == (2, 3)
-    assert main(args + ["--engine", str(engine), "--base", str(base), "--beam-width", "4", "--lookup", "2",
-                        "--tree", "search"]) == 2
-    assert "--engine fixes the base model, drafter, beam shape, lookup, tree and max_seq_len it was built with: drop " \
-           "--base, --beam-width, --lookup, --tree" in capsys.readouterr().err
+    # The engine's own plain decoding, and a setting within its W2 L3, give the same tokens.
+    assert main(args + ["--engine", str(engine), "--no-spec"]) == 0
+    engine_plain = json.loads(capsys.readouterr().out)
+    assert engine_plain["token_ids"] == plain["token_ids"] and not engine_plain["speculative"]
+    assert engine_plain["steps"] == len(plain["token_ids"]) - 1
+    assert main(args + ["--engine", str(engine), "--beam-width", "1", "--tree", "search"]) == 0
+    within = json.loads(capsys.readouterr().out)
+    assert within["token_ids"] == plain["token_ids"] and within["speculative"]
+    assert (within["beam_width"], within["beam_length"], within["tree"]) == (1, 3, "search")
+    assert main(args + ["--engine", str(engine), "--beam-width", "4"]) == 2
+    assert "W4 L3 (12 tree tokens) exceeds this engine" in capsys.readouterr().err
+    assert main(args + ["--engine", str(engine), "--lookup", "2"]) == 2
+    assert "was built without a lookup beam: drop --lookup, or rebuild with --lookup N" in capsys.readouterr().err
+    assert main(args + ["--engine", str(engine), "--base", str(base), "--max-seq-len", "64"]) == 2
+    assert "--engine fixes the base model, drafter and max_seq_len it was built with: drop --base, --max-seq-len" \
+        in capsys.readouterr().err

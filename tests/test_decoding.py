@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import redrafter.runtime.decoding as decoding
+from redrafter.runtime.config import DecodeConfig
 from redrafter.runtime.decoding import Decoder, generate
 
 from conftest import tiny_drafter, tiny_llama
@@ -20,7 +21,7 @@ def plain(model, prompts, n, eos=()):
 def test_random_drafter_is_lossless(tiny_model, width, length, head, draft_vocab):
     d = tiny_drafter(tiny_model, head=head, draft_vocab_size=draft_vocab)
     ref = plain(tiny_model, PROMPTS, 30)
-    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, beam_width=width, beam_length=length)
+    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, decode=DecodeConfig(beam_width=width, beam_length=length))
     got = generate(dec, PROMPTS, 30)
     assert [g.token_ids for g in got] == ref
 
@@ -31,11 +32,10 @@ def test_random_drafter_is_lossless(tiny_model, width, length, head, draft_vocab
 def test_verifying_the_search_tree_is_lossless(tiny_model, width, length, head, lookup, lookup_length):
     d = tiny_drafter(tiny_model, head=head)
     ref = plain(tiny_model, PROMPTS, 30)
-    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, beam_width=width, beam_length=length,
-                  lookup_ngram=lookup, lookup_length=lookup_length, tree="search")
+    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, decode=DecodeConfig(beam_width=width, beam_length=length, tree="search", lookup_ngram=lookup, lookup_length=lookup_length))
     assert [g.token_ids for g in generate(dec, PROMPTS, 30)] == ref
     with pytest.raises(ValueError, match="tree='bushy': give one of beams, search"):
-        Decoder(tiny_model, d, tree="bushy")
+        Decoder(tiny_model, d, decode=DecodeConfig(tree="bushy"))
 
 
 @pytest.mark.parametrize("width,length,lookup,lookup_length", [(1, 4, 3, 0), (3, 3, 2, 0), (2, 5, 1, 0),
@@ -43,8 +43,7 @@ def test_verifying_the_search_tree_is_lossless(tiny_model, width, length, head, 
 def test_context_lookup_is_lossless(tiny_model, width, length, lookup, lookup_length):
     d = tiny_drafter(tiny_model)
     ref = plain(tiny_model, PROMPTS, 30)
-    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, beam_width=width, beam_length=length,
-                  lookup_ngram=lookup, lookup_length=lookup_length)
+    dec = Decoder(tiny_model, d, max_batch=4, max_seq_len=128, decode=DecodeConfig(beam_width=width, beam_length=length, lookup_ngram=lookup, lookup_length=lookup_length))
     assert [g.token_ids for g in generate(dec, PROMPTS, 30)] == ref
 
 
@@ -56,8 +55,7 @@ def test_a_right_lookup_beam_is_accepted_when_every_drafted_beam_is_wrong(monkey
     also when it is longer than the drafted beams."""
     ref = plain(tiny_model, PROMPTS, 30)
     vocab = tiny_model.cfg.vocab_size
-    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=4, max_seq_len=128, beam_width=2,
-                  beam_length=length, lookup_ngram=2, lookup_length=lookup_length)
+    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=4, max_seq_len=128, decode=DecodeConfig(beam_width=2, beam_length=length, lookup_ngram=2, lookup_length=lookup_length))
     longest = max(length, lookup_length)
     stepping = []
     step = dec.step
@@ -121,8 +119,7 @@ class OracleBeams:
 @pytest.mark.parametrize("width,length", [(1, 4), (3, 4), (6, 6)])
 def test_accepting_drafts_commits_the_right_cache_entries(monkeypatch, tiny_model, width, length):
     ref = plain(tiny_model, PROMPTS, 40)
-    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=4, max_seq_len=128,
-                  beam_width=width, beam_length=length)
+    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=4, max_seq_len=128, decode=DecodeConfig(beam_width=width, beam_length=length))
     oracle = OracleBeams(dec, PROMPTS, ref)
     monkeypatch.setattr(decoding, "beam_search", oracle)
     got = generate(dec, PROMPTS, 40)
@@ -138,7 +135,7 @@ def test_eos_and_max_new_tokens_stop_generation(tiny_model):
     ref = plain(tiny_model, PROMPTS[:1], 30)[0]
     eos = ref[10]
     first = ref.index(eos)
-    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=1, max_seq_len=128, beam_width=4, beam_length=4)
+    dec = Decoder(tiny_model, tiny_drafter(tiny_model), max_batch=1, max_seq_len=128, decode=DecodeConfig(beam_width=4, beam_length=4))
     assert generate(dec, PROMPTS[:1], 30, eos_ids=[eos])[0].token_ids == ref[: first + 1]
     assert generate(dec, PROMPTS[:1], 7)[0].token_ids == ref[:7]
 
@@ -172,11 +169,11 @@ def test_smollm2_lossless_batch_1_and_4(monkeypatch, smollm2, mtbench_prompts, w
     n = 24
     ref = [plain(m, [p], n, smollm2.eos_ids)[0] for p in prompts]
     drafter = load_drafter(default_drafter_dir())
-    solo = Decoder(m, drafter, max_batch=1, max_seq_len=512, beam_width=width, beam_length=length)
+    solo = Decoder(m, drafter, max_batch=1, max_seq_len=512, decode=DecodeConfig(beam_width=width, beam_length=length))
     assert [generate(solo, [p], n, smollm2.eos_ids)[0].token_ids for p in prompts] == ref
-    batched = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=width, beam_length=length)
+    batched = Decoder(m, drafter, max_batch=4, max_seq_len=512, decode=DecodeConfig(beam_width=width, beam_length=length))
     assert [g.token_ids for g in generate(batched, prompts, n, smollm2.eos_ids)] == ref
-    oracle_dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=width, beam_length=length)
+    oracle_dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, decode=DecodeConfig(beam_width=width, beam_length=length))
     monkeypatch.setattr(decoding, "beam_search", OracleBeams(oracle_dec, prompts, ref))
     got = generate(oracle_dec, prompts, n, smollm2.eos_ids)
     assert [g.token_ids for g in got] == ref
@@ -196,8 +193,7 @@ def test_smollm2_with_context_lookup_is_lossless_and_takes_fewer_steps(smollm2, 
     ref = [g.token_ids for g in generate(Decoder(m, None, max_batch=4, max_seq_len=512), prompts, 64, smollm2.eos_ids)]
     steps = {}
     for lookup, lookup_length in ((0, 0), (3, 0), (3, 16)):
-        dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=1, beam_length=4, lookup_ngram=lookup,
-                      lookup_length=lookup_length)
+        dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, decode=DecodeConfig(beam_width=1, beam_length=4, lookup_ngram=lookup, lookup_length=lookup_length))
         got = generate(dec, prompts, 64, smollm2.eos_ids)
         assert [g.token_ids for g in got] == ref
         steps[lookup, lookup_length] = sum(g.steps for g in got)
@@ -217,7 +213,7 @@ def test_smollm2_search_tree_is_lossless_and_takes_fewer_steps_than_its_final_be
     ref = [g.token_ids for g in generate(Decoder(m, None, max_batch=4, max_seq_len=512), prompts, 64, smollm2.eos_ids)]
     steps = {}
     for tree in ("beams", "search"):
-        dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, beam_width=4, beam_length=4, tree=tree)
+        dec = Decoder(m, drafter, max_batch=4, max_seq_len=512, decode=DecodeConfig(beam_width=4, beam_length=4, tree=tree))
         got = generate(dec, prompts, 64, smollm2.eos_ids)
         assert [g.token_ids for g in got] == ref
         steps[tree] = sum(g.steps for g in got)

@@ -5,6 +5,9 @@ checked against them in test_plugins_kernels.py.
 """
 from __future__ import annotations
 
+from redrafter.plugins.ops import PluginSteps
+from redrafter.runtime.config import DecodeConfig
+
 import pytest
 import torch
 
@@ -190,14 +193,12 @@ def test_greedy_redrafter_is_lossless_with_plugins_on_and_off(head, draft_vocab_
     model = tiny_llama(tied=head == "shared")
     drafter = tiny_drafter(model, head=head, draft_vocab_size=draft_vocab_size)
     plain = generate(Decoder(model, None, max_batch=3, max_seq_len=64), PROMPTS, 20)
-    off = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4,
-                           lookup_ngram=lookup, lookup_length=lookup_length, tree=tree), PROMPTS, 20)
-    on = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4,
-                          use_plugins=True, lookup_ngram=lookup, lookup_length=lookup_length, tree=tree), PROMPTS, 20)
+    off = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, decode=DecodeConfig(beam_width=3, beam_length=4, tree=tree, lookup_ngram=lookup, lookup_length=lookup_length)), PROMPTS, 20)
+    on = generate(Decoder(model, drafter, max_batch=3, max_seq_len=64, decode=DecodeConfig(beam_width=3, beam_length=4, tree=tree, lookup_ngram=lookup, lookup_length=lookup_length), steps=PluginSteps(model)), PROMPTS, 20)
     for p, a, b in zip(plain, off, on):
         assert a.token_ids == p.token_ids == b.token_ids
         assert a.accepted_per_step == b.accepted_per_step  # same drafts, same acceptance
-    plain_plug = generate(Decoder(model, None, max_batch=3, max_seq_len=64, use_plugins=True), PROMPTS, 20)
+    plain_plug = generate(Decoder(model, None, max_batch=3, max_seq_len=64, steps=PluginSteps(model)), PROMPTS, 20)
     assert [g.token_ids for g in plain_plug] == [g.token_ids for g in plain]
 
 
@@ -208,8 +209,7 @@ def test_sampling_rows_walk_the_same_tree_with_plugins_on_and_off():
     drafter = tiny_drafter(model)
     outs = []
     for use_plugins in (False, True):
-        dec = Decoder(model, drafter, max_batch=3, max_seq_len=64, beam_width=3, beam_length=4,
-                      use_plugins=use_plugins)
+        dec = Decoder(model, drafter, max_batch=3, max_seq_len=64, decode=DecodeConfig(beam_width=3, beam_length=4), steps=PluginSteps(model) if use_plugins else None)
         samplers = [None, SlotSampler(SamplingParams(temperature=1.0, seed=1)),
                     SlotSampler(SamplingParams(temperature=0.7, top_k=20, seed=2))]
         out = [[t] for t in dec.prefill_batch([0, 1, 2], PROMPTS, samplers)]

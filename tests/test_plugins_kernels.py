@@ -7,6 +7,9 @@ Shapes are tiny: the interpreter runs every program instance in numpy.
 """
 from __future__ import annotations
 
+from redrafter.plugins.ops import PluginSteps
+from redrafter.runtime.config import DecodeConfig
+
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -197,8 +200,7 @@ PROMPTS = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43]]
 def test_decoder_with_triton_kernels_is_lossless(kernels_on_cpu):
     model = tiny_llama()
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=48), PROMPTS, 8)
-    dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, beam_width=2, beam_length=3,
-                  use_plugins=True)
+    dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, decode=DecodeConfig(beam_width=2, beam_length=3), steps=PluginSteps(model))
     assert [g.token_ids for g in generate(dec, PROMPTS, 8)] == [g.token_ids for g in plain]
 
 
@@ -209,8 +211,7 @@ def test_decoder_with_triton_kernels_commits_accepted_drafts(kernels_on_cpu, mon
 
     model = tiny_llama()
     ref = [g.token_ids for g in generate(Decoder(model, None, max_batch=2, max_seq_len=48), PROMPTS, 14)]
-    dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, beam_width=3, beam_length=4,
-                  use_plugins=True)
+    dec = Decoder(model, tiny_drafter(model), max_batch=2, max_seq_len=48, decode=DecodeConfig(beam_width=3, beam_length=4), steps=PluginSteps(model))
     oracle = OracleBeams(dec, PROMPTS, ref)
     monkeypatch.setattr(ops, "draft", lambda *a, **kw: oracle(*a, **kw)[0])
     got = generate(dec, PROMPTS, 14)
@@ -221,8 +222,8 @@ def test_decoder_with_triton_kernels_commits_accepted_drafts(kernels_on_cpu, mon
 
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "redrafter.plugins.gpu_check", "--device", "cpu", "--tiny",
-                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "redrafter.builder.gpu_check", "--kernels", "--device", "cpu",
+                           "--tiny", "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| op | shape |" in proc.stdout
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -234,10 +235,10 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
 
 
 def test_gpu_check_refuses_cpu_without_the_interpreter(monkeypatch, capsys):
-    from redrafter.plugins import gpu_check
+    from redrafter.builder import gpu_check
 
-    monkeypatch.delenv("TRITON_INTERPRET")
-    assert gpu_check.main(["--device", "cpu", "--tiny"]) == 2
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert gpu_check.main(["--kernels", "--device", "cpu", "--tiny"]) == 2
     assert "set TRITON_INTERPRET=1" in capsys.readouterr().err
 
 
@@ -245,7 +246,7 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu():
     """The interpreter skips Triton's compiler; this runs it (to a cubin, via the bundled ptxas)
     for sm_90, in a process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    proc = subprocess.run([sys.executable, "-m", "redrafter.plugins.gpu_check", "--compile-only", "90"],
+    proc = subprocess.run([sys.executable, "-m", "redrafter.builder.gpu_check", "--compile-only", "90"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -264,7 +265,6 @@ def test_fused_step_program_with_triton_kernels_is_lossless(kernels_on_cpu):
     head = tiny_drafter(model)
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=48), PROMPTS, 8)
     step, calls = SpeculativeStep(model, head, 2, 3, plugin_ops=True), []
-    dec = Decoder(model, head, max_batch=2, max_seq_len=48, beam_width=2, beam_length=3,
-                  fused_step=lambda *a: calls.append(1) or step(*a))
+    dec = Decoder(model, head, max_batch=2, max_seq_len=48, fused_step=lambda *a: calls.append(1) or step(*a), decode=DecodeConfig(beam_width=2, beam_length=3))
     assert [g.token_ids for g in generate(dec, PROMPTS, 8)] == [g.token_ids for g in plain]
     assert calls

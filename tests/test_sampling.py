@@ -9,9 +9,11 @@ Exactness is shown three ways on a tiny model with an 8-token vocabulary:
 """
 from __future__ import annotations
 
+
 import pytest
 import torch
 
+from redrafter.runtime.config import DecodeConfig
 from conftest import tiny_drafter, tiny_llama
 from redrafter.runtime.acceptance import greedy_accept, tree_walk
 from redrafter.runtime.beam_search import beam_search
@@ -167,8 +169,7 @@ def test_seeded_redrafter_sampling_equals_seeded_plain_sampling(small_vocab, sha
     model, drafter = small_vocab
     seeds = list(range(64))
     plain = _sample(Decoder(model, None, max_batch=64, max_seq_len=32), seeds, 16, **filters)
-    spec_decoder = Decoder(model, drafter, max_batch=64, max_seq_len=32, beam_width=shape[0], beam_length=shape[1],
-                           lookup_ngram=shape[2], lookup_length=shape[3], tree=shape[4])
+    spec_decoder = Decoder(model, drafter, max_batch=64, max_seq_len=32, decode=DecodeConfig(beam_width=shape[0], beam_length=shape[1], tree=shape[4], lookup_ngram=shape[2], lookup_length=shape[3]))
     spec = _sample(spec_decoder, seeds, 16, **filters)
     assert spec == plain
     assert len({tuple(s) for s in spec}) > 32  # the seeds really give different samples
@@ -178,7 +179,7 @@ def test_mixed_batch_keeps_greedy_rows_exactly_greedy(small_vocab):
     model, drafter = small_vocab
     prompts = [[1, 2, 3], [4, 5, 6, 7], [2, 2], [7, 1, 3, 3, 0]]
     greedy = [g.token_ids for g in generate(Decoder(model, None, max_batch=4, max_seq_len=40), prompts, 20)]
-    dec = Decoder(model, drafter, max_batch=4, max_seq_len=40, beam_width=3, beam_length=4)
+    dec = Decoder(model, drafter, max_batch=4, max_seq_len=40, decode=DecodeConfig(beam_width=3, beam_length=4))
     samplers = [None, SlotSampler(SamplingParams(temperature=1.0, seed=1)), None,
                 SlotSampler(SamplingParams(temperature=1.0, seed=2))]
     out = [[t] for t in dec.prefill_batch([0, 1, 2, 3], prompts, samplers)]
@@ -231,7 +232,7 @@ def apple_rule_first_token(decoder: Decoder, slots: torch.Tensor, filters: dict,
     token the step emits. Beam drafts are the deterministic top-W paths, not draws from Q,
     so P/Q acceptance does not reproduce P."""
     m, head = decoder.model, decoder.drafter
-    w, l = decoder.beam_width, decoder.beam_length
+    w, l = decoder.config.beam_width, decoder.config.beam_length
     starts = decoder.lengths[slots]
     beams, log_q = beam_search(head, m.embed.weight, None, decoder.hidden[slots], decoder.next_token[slots],
                                w, l, return_log_probs=True)
@@ -278,8 +279,7 @@ def test_sampling_with_a_lookup_beam_matches_the_exact_distribution(small_vocab,
     before, so the beam copies what followed them there (about 2% more tokens per step than W=1 alone).
     A lookup beam longer than the drafted one ends those in PAD: the walk must stop at their ends."""
     model, drafter = small_vocab
-    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, beam_width=1, beam_length=length, lookup_ngram=2,
-                  lookup_length=lookup_length)
+    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, decode=DecodeConfig(beam_width=1, beam_length=length, lookup_ngram=2, lookup_length=lookup_length))
     slots, first = _prefill(dec, filters)
     out, emitted = _first_three(dec, slots, first)
     assert {2, 3} <= set(emitted)
@@ -292,7 +292,7 @@ def test_sampling_over_the_search_tree_matches_the_exact_distribution(small_voca
     """W=3, L=4 verifying every prefix the beam search kept: the walk may now leave the final
     beams for a pruned prefix (a PAD-ended beam) and must stop at its end."""
     model, drafter = small_vocab
-    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, beam_width=3, beam_length=4, tree="search")
+    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, decode=DecodeConfig(beam_width=3, beam_length=4, tree="search"))
     slots, first = _prefill(dec, filters)
     out, emitted = _first_three(dec, slots, first)
     assert {1, 2, 3} <= set(emitted)
@@ -306,7 +306,7 @@ def test_redrafter_sampling_matches_the_exact_distribution_and_apples_rule_does_
     the tree, at several depths): the joint law of the first three tokens fits the exact one."""
     model, drafter = small_vocab
     exact = _exact_joint(model, filters)
-    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, beam_width=3, beam_length=4)
+    dec = Decoder(model, drafter, max_batch=4000, max_seq_len=16, decode=DecodeConfig(beam_width=3, beam_length=4))
     slots, first = _prefill(dec, filters)
 
     # Apple's rule from the same states (its forward only writes scratch KV entries).

@@ -11,7 +11,8 @@ from typing import Callable
 
 import pytest
 
-from redrafter.runtime.scheduler import MeasuredBeamPolicy, default_beam_shape
+from redrafter.runtime.config import DecodeConfig
+from redrafter.runtime.scheduler import MeasuredBeamPolicy
 
 Shape = tuple[int, int]
 PLAIN, W4L2, W4L5 = (1, 1), (4, 2), (4, 5)
@@ -272,5 +273,6 @@ def test_invalid_settings_are_refused(kwargs, message):
 
 
 def test_default_beam_shape_is_short_on_a_cpu_and_wide_on_a_gpu():
-    assert default_beam_shape("cpu") == (1, 2)
-    assert default_beam_shape("cuda") == default_beam_shape("cuda:1") == (4, 4)
+    shape = lambda c: (c.beam_width, c.beam_length)  # noqa: E731
+    assert shape(DecodeConfig.for_device("cpu")) == (1, 2)
+    assert shape(DecodeConfig.for_device("cuda")) == shape(DecodeConfig.for_device("cuda:1")) == (4, 4)

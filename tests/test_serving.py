@@ -8,6 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.cli import main
 from redrafter.runtime.sampling import SamplingParams
 from redrafter.runtime.scheduler import MeasuredBeamPolicy
@@ -135,13 +136,10 @@ def test_model_config_is_a_valid_triton_config(tmp_path):
     (dict(), ValueError, "either an engine"),
     (dict(engine="e", base="b"), ValueError, "either an engine"),
     (dict(base="b", beam_policy="greedy"), ValueError, "beam policy"),
-    (dict(base="b", beam_width=-1), ValueError, "beam_width=-1"),
+    (dict(base="b", max_seq_len=0), ValueError, "max_seq_len=0 is invalid"),
     (dict(engine="/nonexistent/engine"), FileNotFoundError, "not an engine directory"),
-    (dict(base="b", lookup_ngram=-2), ValueError, "lookup_ngram=-2"),
-    (dict(base="b", drafter="none", lookup_ngram=3), ValueError, "a lookup beam needs --base with a drafter"),
-    (dict(base="b", lookup_length=8), ValueError, "--lookup-length sets the lookup beam's length"),
-    (dict(base="b", tree="bushy"), ValueError, "tree='bushy' is unknown: choose one of beams, search"),
-    (dict(base="b", drafter="none", tree="search"), ValueError, "a search tree needs --base with a drafter"),
+    (dict(base="b", drafter="none", decode=DecodeConfig(2, 3)), ValueError,
+     r"drafting \(a beam length above 1, a lookup beam or a search tree\) needs a drafter"),
 ])
 def test_model_source_validation(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -150,13 +148,12 @@ def test_model_source_validation(kwargs, error, message):
 
 def test_base_and_drafter_source_opens_a_session_with_its_options(tiny_hf_dir):
     base, drafter = tiny_hf_dir
-    source = ModelSource.create(base=base, drafter=drafter, max_batch_size=3, max_seq_len=64, beam_width=2,
-                                beam_length=3, lookup_ngram=3, lookup_length=5, tree="search")
+    source = ModelSource.create(base=base, drafter=drafter, max_batch_size=3, max_seq_len=64, decode=DecodeConfig(beam_width=2, beam_length=3, tree="search", lookup_ngram=3, lookup_length=5))
     assert ModelSource.from_parameters(source.parameters()) == source  # what the Triton model reads back
     with source.open_session() as s:
         assert (s.max_batch_size, s.max_seq_len) == (3, 64)
-        assert (s.decoder.beam_width, s.decoder.beam_length, s.decoder.speculative) == (2, 3, True)
-        assert s.decoder.lookup_ngram == 3 and s.decoder.step_length() == 5 and s.decoder.tree == "search"
+        assert (s.decoder.config.beam_width, s.decoder.config.beam_length, s.decoder.speculative) == (2, 3, True)
+        assert s.decoder.config == DecodeConfig(2, 3, "search", lookup_ngram=3, lookup_length=5)
     with ModelSource.create(base=base, drafter="none").open_session() as s:
         assert s.max_batch_size == 8 and not s.decoder.speculative
 
@@ -165,7 +162,7 @@ def test_base_and_drafter_source_defaults_to_the_cpus_beams_chosen_by_measuremen
     """W1 L2 on the CPU, with the adaptive policy choosing between it and plain decoding per batch size."""
     base, drafter = tiny_hf_dir
     with ModelSource.create(base=base, drafter=drafter).open_session() as s:
-        assert (s.decoder.beam_width, s.decoder.beam_length) == (1, 2)
+        assert (s.decoder.config.beam_width, s.decoder.config.beam_length) == (1, 2)
         assert isinstance(s.beam_policy, MeasuredBeamPolicy)
         assert s.beam_policy.candidates == ((1, 1), (1, 2))
 

@@ -3,6 +3,7 @@ receive equals the offline Session (greedy), under concurrency too; bad requests
 a client that goes away frees its slot."""
 from __future__ import annotations
 
+
 import http.client
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.builder.build import BuildOptions, build_engine
 from redrafter.runtime.session import SamplingParams, Session
 from redrafter.serving.repository import ModelSource, write_repository
@@ -66,9 +68,7 @@ def served(tiny_hf_dir, tmp_path_factory):
     base, drafter = tiny_hf_dir
     tmp = tmp_path_factory.mktemp("triton")
     # A small tree (W=2, L=3) keeps the random drafter's wasted verification cheap on CI's 2 cores.
-    engine = build_engine(BuildOptions(output=tmp / "engine", base=base, drafter=drafter, backend="eager",
-                                       beam_width=2, beam_length=3, max_batch_size=SLOTS,
-                                       max_seq_len=MAX_SEQ_LEN, progress=False))
+    engine = build_engine(BuildOptions(output=tmp / "engine", base=base, drafter=drafter, backend="eager", max_batch_size=SLOTS, max_seq_len=MAX_SEQ_LEN, progress=False, decode=DecodeConfig(beam_width=2, beam_length=3)))
     source = ModelSource.create(engine=engine)  # decoder slots: the engine's
     repo = write_repository(tmp / "repo", source, name=MODEL)
     http, grpc, metrics = free_ports(3)

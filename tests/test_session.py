@@ -5,12 +5,14 @@ Reference outputs come from plain greedy decoding of each prompt on its own
 """
 from __future__ import annotations
 
+
 import random
 import threading
 from typing import Callable
 
 import pytest
 
+from redrafter.runtime.config import DecodeConfig
 from conftest import tiny_drafter, tiny_llama
 from redrafter.runtime.decoding import Decoder, generate
 from redrafter.runtime.scheduler import BeamPolicy, MeasuredBeamPolicy
@@ -31,8 +33,7 @@ def solo_greedy(model, prompt: list[int], n: int, eos=()) -> list[int]:
 
 def make_session(tiny, slots=4, width=3, length=4, lookup=0, lookup_length=0, **kw) -> Session:
     model, drafter = tiny
-    dec = Decoder(model, drafter, max_batch=slots, max_seq_len=MAX_SEQ_LEN, beam_width=width, beam_length=length,
-                  lookup_ngram=lookup, lookup_length=lookup_length)
+    dec = Decoder(model, drafter, max_batch=slots, max_seq_len=MAX_SEQ_LEN, decode=DecodeConfig(beam_width=width, beam_length=length, lookup_ngram=lookup, lookup_length=lookup_length))
     return Session(dec, **kw)
 
 
@@ -221,7 +222,7 @@ def test_stop_token_ids_and_eos(tiny):
     with make_session(tiny) as s:
         out = s.generate([[8, 6, 7]], SamplingParams(max_new_tokens=40, stop_token_ids=[stop]))[0]
     assert out.token_ids == ref[:cut + 1] and out.finish_reason == "stop"
-    dec = Decoder(model, drafter, max_batch=2, max_seq_len=MAX_SEQ_LEN, beam_width=3, beam_length=4)
+    dec = Decoder(model, drafter, max_batch=2, max_seq_len=MAX_SEQ_LEN, decode=DecodeConfig(beam_width=3, beam_length=4))
     with Session(dec, None, eos_ids=[stop]) as s:
         eos, ignored = s.generate([[8, 6, 7]] * 2, [SamplingParams(max_new_tokens=40),
                                                      SamplingParams(max_new_tokens=40, ignore_eos=True)])
@@ -322,10 +323,10 @@ def test_measured_policy_ignores_a_shapes_first_step():
 def test_adaptive_session_learns_a_shape_and_stays_lossless(tiny):
     model, drafter = tiny
     prompts = [[1, 2, 3], [4, 5, 6, 7], [8], [9, 10]]
-    dec = Decoder(model, drafter, max_batch=4, max_seq_len=MAX_SEQ_LEN, beam_width=3, beam_length=4)
-    from redrafter.runtime.session import _policy
+    dec = Decoder(model, drafter, max_batch=4, max_seq_len=MAX_SEQ_LEN, decode=DecodeConfig(beam_width=3, beam_length=4))
+    from redrafter.runtime.session import policy_for
 
-    assert _policy("adaptive", 3, 4).candidates == ((1, 1), (1, 2), (1, 4), (3, 4))
+    assert policy_for("adaptive", DecodeConfig(3, 4)).candidates == ((1, 1), (1, 2), (1, 4), (3, 4))
     policy = MeasuredBeamPolicy(((1, 1), (1, 2), (1, 4), (3, 4)), margin=1.0, prune=False)  # every shape runs
     with Session(dec, beam_policy=policy) as s:
         outs = s.generate(prompts, SamplingParams(max_new_tokens=30))
@@ -428,7 +429,7 @@ def test_text_stream_waits_for_complete_characters(text_session):
 @pytest.fixture(scope="module")
 def text_session(tiny_hf_dir):
     base, drafter = tiny_hf_dir
-    with Session.load(base, drafter, max_batch_size=2, max_seq_len=256, beam_width=2, beam_length=3) as s:
+    with Session.load(base, drafter, max_batch_size=2, max_seq_len=256, decode=DecodeConfig(beam_width=2, beam_length=3)) as s:
         yield s
 
 
@@ -472,21 +473,29 @@ def test_text_prompts_use_the_chat_template_and_stream_text(text_session):
     assert "".join(d.text for d in deltas) == by_text.text != ""
 
 
-def test_session_open_serves_a_built_engine(tiny_hf_dir, tmp_path):
+def test_open_session_serves_a_built_engine_at_any_setting_within_its_limits(tiny_hf_dir, tmp_path):
     from redrafter.builder.build import BuildOptions, build_engine
-    from redrafter.builder.engine import load_engine
+    from redrafter.builder.engine import load_engine, open_session
 
     base, drafter = tiny_hf_dir
-    path = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager",
-                                     beam_width=3, beam_length=4, max_batch_size=2, max_seq_len=64, progress=False))
+    path = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager", max_batch_size=2, max_seq_len=64, progress=False, decode=DecodeConfig(beam_width=3, beam_length=4)))
     e = load_engine(path)
     prompt = e.encode_chat("Hello there")
-    ref = generate(e.decoder(speculative=False), [prompt], 16, e.eos_ids)[0].token_ids
-    with Session.open(path) as s:
+    ref = generate(e.decoder(decode=DecodeConfig.plain()), [prompt], 16, e.eos_ids)[0].token_ids
+    with open_session(path) as s:
         assert s.max_batch_size == 2 and s.max_seq_len == 64
         assert s.generate("Hello there", SamplingParams(max_new_tokens=16))[0].token_ids == ref
         with pytest.raises(ValueError, match="max_seq_len 64"):
             s.generate("Hello there", SamplingParams(max_new_tokens=60))
+    # Smaller trees than the built W3 L4 (6 <= 12 tokens), and plain decoding, give the same tokens.
+    for decode, speculative in ((DecodeConfig(2, 3, "search"), True), (DecodeConfig.plain(), False)):
+        with open_session(path, decode=decode) as s:
+            assert s.decoder.config == decode and s.decoder.speculative == speculative
+            assert s.generate("Hello there", SamplingParams(max_new_tokens=16))[0].token_ids == ref
+    with pytest.raises(ValueError, match=r"W4 L4 \(16 tree tokens\) exceeds this engine .* limit of 12"):
+        open_session(path, decode=DecodeConfig(4, 4))
+    with pytest.raises(ValueError, match="was built without a lookup beam"):
+        open_session(path, decode=DecodeConfig(2, 2, lookup_ngram=2))
 
 
 @pytest.mark.slow
@@ -498,7 +507,7 @@ def test_smollm2_session_is_lossless_and_streams_text(smollm2):
     prompts = [smollm2.encode_chat("What is the capital of France?"), smollm2.encode_chat("Count to five.")]
     ref = [g.token_ids for g in generate(Decoder(model, None, max_batch=2, max_seq_len=256), prompts, 12,
                                          smollm2.eos_ids)]
-    dec = Decoder(model, drafter, max_batch=2, max_seq_len=256, beam_width=2, beam_length=3)
+    dec = Decoder(model, drafter, max_batch=2, max_seq_len=256, decode=DecodeConfig(beam_width=2, beam_length=3))
     with Session(dec, smollm2.tokenizer, smollm2.eos_ids) as s:
         outs = s.generate(["What is the capital of France?", "Count to five."], SamplingParams(max_new_tokens=12))
         deltas = list(s.stream("What is the capital of France?", SamplingParams(max_new_tokens=12)))

@@ -4,6 +4,7 @@ Runs on the tiny random Llama with SmolLM2's real tokenizer and chat template (t
 """
 from __future__ import annotations
 
+
 import json
 import sys
 from pathlib import Path
@@ -14,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.runtime.decoding import Decoder, generate
 from redrafter.runtime.drafter import load_drafter
 from redrafter.runtime.loading import load_base, load_tokenizer
 from redrafter.runtime.pipeline import Loaded
 from redrafter.training import TrainConfig, heldout_prompts, train
-from redrafter.training.data import load_conversations, normalize, split, tokenize
+from redrafter.datasets import load_conversations, normalize, split
+from redrafter.training.data import tokenize
 from redrafter.training.teacher import TeacherCache
 from redrafter.training.trainer import Batch, Positions, choose_draft_vocab, step_losses
 
@@ -233,7 +236,7 @@ def test_loss_falls_and_the_drafter_loads_and_decodes_exactly(tmp_path, tiny_hf_
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=80), prompts, 16)
     for head_dir in (out, out / "checkpoint"):
         head = load_drafter(head_dir)
-        spec = generate(Decoder(model, head, max_batch=2, max_seq_len=80, beam_width=3, beam_length=4), prompts, 16)
+        spec = generate(Decoder(model, head, max_batch=2, max_seq_len=80, decode=DecodeConfig(beam_width=3, beam_length=4)), prompts, 16)
         assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
 
 
@@ -248,7 +251,7 @@ def test_soft_labels_train_a_head_that_decodes_exactly(tmp_path, tiny_hf_dir, da
     model, _ = load_base(base)
     prompts = [Loaded(model, load_tokenizer(base), None, base).encode_chat("Say the words, number 2.")]
     plain = generate(Decoder(model, None, max_batch=1, max_seq_len=80), prompts, 16)
-    spec = generate(Decoder(model, head, max_batch=1, max_seq_len=80, beam_width=3, beam_length=4), prompts, 16)
+    spec = generate(Decoder(model, head, max_batch=1, max_seq_len=80, decode=DecodeConfig(beam_width=3, beam_length=4)), prompts, 16)
     assert spec[0].token_ids == plain[0].token_ids
 
 
@@ -275,7 +278,7 @@ def test_a_draft_vocabulary_head_trains_saves_its_ids_and_decodes_exactly(tmp_pa
     model, _ = load_base(base)
     prompts = [Loaded(model, load_tokenizer(base), None, base).encode_chat("Say the words, number 2.")]
     plain = generate(Decoder(model, None, max_batch=1, max_seq_len=80), prompts, 16)
-    spec = generate(Decoder(model, head, max_batch=1, max_seq_len=80, beam_width=3, beam_length=4), prompts, 16)
+    spec = generate(Decoder(model, head, max_batch=1, max_seq_len=80, decode=DecodeConfig(beam_width=3, beam_length=4)), prompts, 16)
     assert spec[0].token_ids == plain[0].token_ids
 
 
@@ -456,7 +459,7 @@ def test_a_trained_head_drafts_the_base_models_habit(tmp_path, smollm2_dir):
                                    for q, g in zip(questions, plain)))
 
     def tokens_per_step(head) -> float:
-        dec = Decoder(model, head, max_batch=4, max_seq_len=96, beam_width=2, beam_length=4)
+        dec = Decoder(model, head, max_batch=4, max_seq_len=96, decode=DecodeConfig(beam_width=2, beam_length=4))
         gens = generate(dec, prompts, 32)
         assert [g.token_ids for g in gens] == [g.token_ids for g in plain]
         return sum(len(g.token_ids) - 1 for g in gens) / sum(g.steps for g in gens)

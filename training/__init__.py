@@ -1,5 +1,5 @@
 """Training of draft heads: `redrafter train` and `redrafter.training.train(TrainConfig(...))`."""
-from .data import heldout_prompts
+from redrafter.datasets import heldout_prompts
 from .trainer import TrainConfig, train
 
 __all__ = ["TrainConfig", "heldout_prompts", "train"]

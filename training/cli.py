@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="draft over the N most frequent training labels only (0: the whole vocabulary); "
                         "cheaper drafting, output unchanged")
-    p.add_argument("--draft-layers", type=int, default=2, help="ResBlocks in the head (default 2, as Apple's)")
+    p.add_argument("--draft-layers", dest="num_draft_layers", type=int, default=2,
+                   help="ResBlocks in the head (default 2, as Apple's)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--labels", choices=("distill", "kl", "ground-truth"), default="distill",
                    help="distill: the base model's own next tokens; kl: its whole next-token distribution "
@@ -101,19 +102,14 @@ def run_tokenize(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from dataclasses import fields
+
     from .trainer import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
-        output=args.output, base=args.base, data=args.data[0] if len(args.data) == 1 else args.data,
-        max_samples=args.max_samples, seq_len=args.seq_len,
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, draft_len=args.draft_len, head=args.head,
-        draft_vocab=args.draft_vocab, num_draft_layers=args.draft_layers, weight_decay=args.weight_decay,
-        labels=args.labels, seed=args.seed, cache_dir=args.cache_dir, teacher_workers=args.teacher_workers,
-        checkpoint_every=args.checkpoint_every, bf16=args.bf16, save_dtype=args.save_dtype, resume=args.resume,
-        device=args.device,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    cfg = TrainConfig(**given | {"data": args.data[0] if len(args.data) == 1 else args.data})
     out = train(cfg)
     print(f"drafter written to {out}")
     return 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import load_conversations, split
+from redrafter.datasets import load_conversations, split
 from .trainer import check_device
 
 

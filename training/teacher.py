@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .data import Tokenized
+from redrafter.runtime.atomic import atomic_file
 
 _TOKENS_PER_BATCH = 1024
 _TOKENS_PER_BATCH_GPU = 32768
@@ -194,6 +195,5 @@ def _work(rank: int, base_dir: Path, sequences: list[Tokenized], cache_dir: Path
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from redrafter.runtime.atomic import atomic_dir, atomic_file
 from redrafter.runtime.drafter import DraftHead, DrafterConfig, check_compatible, load_drafter, save_drafter
 
 LABELS = ("distill", "kl", "ground-truth")
@@ -270,7 +271,9 @@ def prepare_data(cfg: TrainConfig, tokenizer) -> tuple[list[list], list]:
     Several sources (e.g. ShareGPT and the base model's own answers) are split each with the
     run's seed, --max-samples and --eval-samples applying to each, and sharded each, so a
     source's teacher cache is the same whether it is trained alone or with others."""
-    from .data import is_tokenized, load_tokenized, tokenized_split
+    from redrafter.datasets import is_tokenized
+
+    from .data import load_tokenized, tokenized_split
 
     def trainable(seqs: list) -> list:
         return [s for s in seqs if s.assistant.any()]
@@ -436,7 +439,7 @@ def export(head: DraftHead, out: Path, cfg: TrainConfig, metrics: dict, history:
     dtype = getattr(torch, cfg.save_dtype)
     extra = {"training": {"labels": cfg.labels, "draft_len": cfg.draft_len, "base": cfg.base}}
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
-    save_drafter(head.eval(), tmp, extra=extra, dtype=dtype)
+    save_drafter(head.eval(), tmp, extra=extra, dtype=dtype)  # whole, then each file into out (which holds more)
     for f in ("config.json", "model.safetensors"):
         os.replace(tmp / f, out / f)
     shutil.rmtree(tmp)
@@ -476,23 +479,16 @@ def _default_cache_root() -> Path:
 
 def _save_checkpoint(path: Path, cfg: TrainConfig, head: DraftHead, opt, sched, state: dict) -> None:
     """Head (Apple layout, loadable with load_drafter) + optimizer tensors + trainer state, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_drafter(head, tmp)
-    opt_state = opt.state_dict()
-    names = {i: n for i, (n, _) in enumerate(head.named_parameters())}
-    tensors = {f"{names[i]}.{k}": v.contiguous() for i, s in opt_state["state"].items() for k, v in s.items()}
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt_state["param_groups"]]
-    _write_json(tmp / "trainer_state.json", state | {"run": cfg.run_key(), "param_groups": groups,
-                                                     "scheduler": sched.state_dict()})
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_dir(path) as tmp:
+        save_drafter(head, tmp)
+        opt_state = opt.state_dict()
+        names = {i: n for i, (n, _) in enumerate(head.named_parameters())}
+        tensors = {f"{names[i]}.{k}": v.contiguous() for i, s in opt_state["state"].items() for k, v in s.items()}
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                  for g in opt_state["param_groups"]]
+        _write_json(tmp / "trainer_state.json", state | {"run": cfg.run_key(), "param_groups": groups,
+                                                         "scheduler": sched.state_dict()})
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig, head: DraftHead, opt, sched) -> dict:
@@ -513,6 +509,5 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, head: DraftHead, opt, sched) 
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...runtime.beam_search import _DEAD, search_tree
+from ...runtime.beam_search import DEAD, search_tree
 
 
 @triton.jit
@@ -181,7 +181,7 @@ def beam_draft(context: Tensor, first_token: Tensor, embed: Tensor,
     rows = b * w
     dev = context.device
     beams = first_token[:, None, None].expand(b, w, 1).contiguous()
-    scores = torch.full((b, w), _DEAD, device=dev)
+    scores = torch.full((b, w), DEAD, device=dev)
     scores[:, 0] = 0.0
     state = context.new_zeros(rows, hid)
     tokens = beams.view(rows)

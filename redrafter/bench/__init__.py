@@ -1,7 +1,9 @@
 """`redrafter bench`: ReDrafter against plain decoding and peer engines, same prompts, same run.
 
 Plain decoding is the engine's own decoder without a drafter, so the speedup isolates
-drafting. Systems take turns prompt group by prompt group (the order rotates each group),
+drafting. Several --engine take turns in one rotation (engines of one base model's tokenizer),
+each checked against its own plain decoding; an engine with a step program is also measured
+with it ("fused") and with its draft and forward programs ("unfused"). Systems take turns prompt group by prompt group (the order rotates each group),
 so load from other processes on a shared machine falls on all of them alike. Every
 output of ours must equal plain decoding token for token (greedy; or sampled with the
 same per-prompt seed); a mismatch is reported and makes the command exit 1.
@@ -11,23 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from pathlib import Path
 
-from ..cli import positive_int
 
 DATASETS = ("mtbench", "sharegpt")
 PEERS = ("hf", "llamacpp")
-
-
-def _int_list(what: str, minimum: int):
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers for {what}, got {text!r}") from None
-        if not values or min(values) < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be >= {minimum}, got {text!r}")
-        return sorted(set(values))
-    return parse
 
 
 def _peer_list(text: str) -> list[str]:
@@ -38,46 +28,31 @@ def _peer_list(text: str) -> list[str]:
     return peers
 
 
-def _tree_list(text: str) -> list[str]:
-    from redrafter.runtime.decoding import TREES
-
-    trees = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not trees or set(trees) - set(TREES):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(TREES)}, got {text!r}")
-    return trees
-
-
 def register(subparsers) -> None:
+    from redrafter.runtime import config
+
     p = subparsers.add_parser(
         "bench", help="measure ReDrafter against plain decoding and peers (speed, acceptance, identical outputs)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", help="engine directory from `redrafter build` (instead of --base/--drafter)")
+    p.add_argument("--engine", action="append", help="engine directory from `redrafter build` (instead of "
+                                                     "--base/--drafter); give several to compare them")
     p.add_argument("--base", help="HF checkpoint dir, .gguf file, or 'default' (SmolLM2-135M-Instruct); "
                                   "with --engine, the model the peers run")
     p.add_argument("--drafter", help="drafter dir, 'default' (our shipped drafter) or 'none' (plain and peers only)")
     p.add_argument("--dataset", default="mtbench", help="mtbench (first turns), sharegpt (held-out), or FILE.jsonl")
-    p.add_argument("--questions", type=positive_int, default=10, metavar="N",
+    p.add_argument("--questions", type=config.counts(1, many=False), default=10, metavar="N",
                    help="number of prompts (default 10)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, metavar="N", help="default 128")
-    p.add_argument("--batch-sizes", type=_int_list("batch sizes", 1), default=[1], metavar="B,...",
+    p.add_argument("--max-new-tokens", type=config.counts(1, many=False), default=128, metavar="N", help="default 128")
+    p.add_argument("--batch-sizes", type=config.counts(1), default=[1], metavar="B,...",
                    help="prompts decoded together in lockstep (default 1)")
-    p.add_argument("--beam-width", type=_int_list("beam width W", 1), metavar="W,...", help="default 4")
-    p.add_argument("--beam-length", type=_int_list("beam length L (it counts the guaranteed token)", 2),
-                   metavar="L,...", help="default 4; every (W, L) pair of the two lists is measured")
-    p.add_argument("--lookup", type=_int_list("lookup n-gram", 0), default=[0], metavar="N,...",
-                   help="context lookup: add a beam copying what followed the last 1..N tokens earlier in the "
-                        "sequence (0 = off, the default); every (W, L) pair is measured with each N")
-    p.add_argument("--lookup-length", type=positive_int, default=None, metavar="K",
-                   help="with --lookup: the lookup beam's tokens if more than L (default: L)")
-    p.add_argument("--tree", type=_tree_list, default=None, metavar="beams,search",
-                   help="what a step verifies: the W final beams (beams, the default) or every prefix the beam "
-                        "search kept (search: 1 + W(L-1) tokens); each is measured")
+    # Lists: every combination is measured; with --engine, settings within its built one (default: that one).
+    config.add_arguments(p, sweep=True, plain=False)
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0 = greedy (default); > 0 samples through the serving Session, seeded per prompt")
     p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)")
     p.add_argument("--peers", type=_peer_list, default=list(PEERS), metavar="hf,llamacpp|none",
                    help="peer engines run on the same prompts when installed (default: both)")
-    p.add_argument("--threads", type=positive_int, metavar="N",
+    p.add_argument("--threads", type=config.counts(1, many=False), metavar="N",
                    help="CPU threads for torch and llama.cpp alike (default: torch's default)")
     p.add_argument("--device", help="torch device for our runtime and HF (default cpu, or the engine's)")
     p.add_argument("--json", dest="json_out", metavar="OUT.json", help="write every figure and machine info here")
@@ -94,9 +69,7 @@ def load_prompts(dataset: str, n: int) -> list[str]:
     if dataset == "mtbench":
         return datasets.mtbench_first_turns(n)
     if dataset == "sharegpt":
-        from redrafter.training.data import heldout_prompts
-
-        return heldout_prompts(n)
+        return datasets.heldout_prompts(n)
     if dataset.endswith(".jsonl") or Path(dataset).exists():
         return datasets.jsonl_prompts(dataset, n)
     raise ValueError(f"unknown dataset {dataset!r}: use {', '.join(DATASETS)} or a path to a .jsonl file")
@@ -116,17 +89,25 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     if len(texts) < args.questions:
         notes.append(f"{args.dataset} has {len(texts)} prompts; --questions {args.questions} asked for more")
-    target = open_target(args.engine, args.base, args.drafter, args.beam_width, args.beam_length, args.lookup,
-                         args.lookup_length or 0, args.batch_sizes, args.device, args.tree)
+    from redrafter.runtime.config import given, sweep_from_args
+
+    configs = sweep_from_args(args, args.device or "cpu")
+    targets = [open_target(e, args.base, args.drafter, configs, bool(given(args)), args.batch_sizes, args.device,
+                           Path(e).name if len(args.engine) > 1 else "") for e in args.engine or [None]]
+    target = targets[0]
     prompts = [target.encode_chat(t) for t in texts]
+    if any(t.encode_chat(texts[0]) != prompts[0] for t in targets):
+        raise ValueError("the engines tokenize prompts differently: compare engines of one base model")
     load_before = report.load_average()
-    results, reference = measure(target, prompts, args.max_new_tokens, args.batch_sizes, args.peers, args.base,
+    results, reference = measure(targets, prompts, args.max_new_tokens, args.batch_sizes, args.peers, args.base,
                                  threads, args.temperature, args.seed, notes)
     failures = [(r, m) for r in results for m in (r["mismatches"] or [])]
     mode = "greedy" if args.temperature == 0 else f"sampled (T={args.temperature}, seed {args.seed}+i)"
 
     settings = {**target.settings, "dataset": args.dataset, "questions": len(prompts),
-                "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_sizes, "configs": target.configs,
+                "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_sizes,
+                "configs": [list(c.to_json().values()) for c in target.configs],
+                **({"engines": [t.settings for t in targets]} if len(targets) > 1 else {}),
                 "temperature": args.temperature, "seed": args.seed, "peers": args.peers, "threads": threads,
                 "reference": f"our plain {mode} decoding at batch {args.batch_sizes[0]}"}
     machine = report.machine_info(threads) | {"load_average_before": load_before}
@@ -142,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         report.write_json(args.json_out, out)
     if args.plot:
-        name = f"engine {args.engine}" if args.engine else f"{settings['base']} + drafter {settings['drafter']}"
+        name = f"engine {', '.join(args.engine)}" if args.engine else f"{settings['base']} + drafter {settings['drafter']}"
         report.write_plot(args.plot, results, f"{name}: {len(prompts)} {args.dataset} prompts x {args.max_new_tokens}"
                           f" new tokens, {mode}; {machine['cpu']}, threads={threads}, {machine['date'][:10]}")
     for r, m in failures:
@@ -152,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[int], peers: list[str],
+def measure(targets, prompts: list[list[int]], max_new: int, batch_sizes: list[int], peers: list[str],
             base: str | None, threads: int, temperature: float, seed: int,
             notes: list[str]) -> tuple[list[dict], list[list[int]]]:
     """Run every system on every prompt group, taking turns; then `summarize`."""
@@ -160,10 +141,17 @@ def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[in
 
     from .systems import HFSystem, OursSystem, SessionSystem
 
-    def our_system(name: str, decoder, b: int):
-        if temperature > 0:
-            return SessionSystem(name, decoder, b, target.eos_ids, temperature)
-        return OursSystem(name, decoder, b, target.eos_ids)
+    def our_systems(t, b: int) -> list:
+        made = []
+        for name, config, fused in [("plain", None, None)] + [("redrafter", c, f) for c in t.configs for f in t.fused]:
+            decoder = t.new_decoder(b, config, max_seq, fused)
+            s = (SessionSystem(name, decoder, b, t.eos_ids, temperature) if temperature > 0
+                 else OursSystem(name, decoder, b, t.eos_ids))
+            s.group, s.variant = t.name, {None: "", True: "fused", False: "unfused"}[fused]
+            made.append(s)
+        return made
+
+    target = targets[0]
 
     max_seq = max(len(p) for p in prompts) + max_new
     hf_model = HFSystem.load(target.hf_dir, target.device) if "hf" in peers else None
@@ -186,13 +174,12 @@ def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[in
 
     runs: dict[tuple[str, int], list] = defaultdict(list)  # (label, batch) -> [(prompt indices, Run)]
     systems_by_key = {}
-    n_systems = {b: 1 + len(target.configs) + (hf_model is not None) + (llama is not None and b == 1)
-                 for b in batch_sizes}
+    n_systems = {b: sum(1 + len(t.configs) * len(t.fused) for t in targets) + (hf_model is not None)
+                 + (llama is not None and b == 1) for b in batch_sizes}
     with tqdm(total=sum(n * -(-len(prompts) // b) for b, n in n_systems.items()), desc="bench", unit="run",
               file=sys.stderr) as bar:
         for b in batch_sizes:
-            systems = [our_system("plain", target.new_decoder(b, None, max_seq), b)]
-            systems += [our_system("redrafter", target.new_decoder(b, config, max_seq), b) for config in target.configs]
+            systems = [s for t in targets for s in our_systems(t, b)]
             if hf_model is not None:
                 systems.append(HFSystem(hf_model, b, target.eos_ids, pad, temperature))
             if llama is not None and b == 1:
@@ -213,8 +200,8 @@ def measure(target, prompts: list[list[int]], max_new: int, batch_sizes: list[in
 
 
 def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tuple[list[dict], list[list[int]]]:
-    """One figure dict per (label, batch) of `runs`, with speedups against plain decoding at the
-    same batch size and output checks against plain decoding at the first batch size."""
+    """One figure dict per (label, batch) of `runs`, with speedups against plain decoding (of the same
+    engine; peers: of the first) at the same batch size and output checks against it at the first batch size."""
     from .metrics import agreement, figures, mismatches
 
     def outputs(key) -> list[list[int]]:
@@ -224,14 +211,17 @@ def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tu
                 out[i] = o
         return out
 
-    reference = outputs(("plain", first_batch))
+    first = next(s.group for s in systems.values() if s.name == "plain")
+    plain_label = lambda group: f"{group} plain".lstrip()  # noqa: E731
     results = []
     for key, system in systems.items():
         label, b = key
         ours = system.name in ("plain", "redrafter")
+        group = system.group if ours else first
+        reference = outputs((plain_label(group), first_batch))
         fig = figures([r for _, r in runs[key]],
                       (system.step_length - 1) if system.name == "redrafter" else (0 if ours else None))
-        plain = figures([r for _, r in runs[("plain", b)]], 0)
+        plain = figures([r for _, r in runs[(plain_label(group), b)]], 0)
         entry = {"system": system.name, "label": label, "batch_size": b, "beam_width": system.beam_width,
                  "beam_length": system.beam_length, "lookup_ngram": system.lookup_ngram,
                  "step_length": system.step_length, "tree": system.tree, **fig,
@@ -244,8 +234,8 @@ def summarize(runs: dict, systems: dict, n_prompts: int, first_batch: int) -> tu
             entry["identical"], entry["mismatches"] = not bad, bad
         else:
             entry["agreement"] = agreement(reference, outputs(key))
-        results.append(entry)
-    return results, reference
+        results.append(entry | ({"engine": group} if group else {}))
+    return results, outputs((plain_label(first), first_batch))
 
 
 def _llamacpp(base: str | None, n_ctx: int, threads: int, eos: list[int], temperature: float):

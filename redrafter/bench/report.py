@@ -6,12 +6,13 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from redrafter.runtime.atomic import atomic_file
 
 
 def machine_info(threads: int) -> dict:
@@ -89,17 +90,10 @@ def _num(x: float | None, fmt: str, suffix: str = "") -> str:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers never see half a file (runtime.atomic)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(path: str | os.PathLike, report: dict) -> None:

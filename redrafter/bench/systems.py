@@ -37,17 +37,20 @@ class System(ABC):
     beam_length: int | None = None
     lookup_ngram: int | None = None
     step_length: int | None = None  # the longest beam (the lookup beam may be longer than L)
-    tree: str | None = None  # what a step verifies (runtime.decoding.TREES)
+    tree: str | None = None  # what a step verifies (runtime.config.TREES)
+    group: str = ""  # the engine's name, where several are compared
+    variant: str = ""  # an engine's "fused" (step program) or "unfused" greedy steps
 
     @property
     def label(self) -> str:
-        if self.name != "redrafter":
-            return self.name
-        lookup = f" +lookup{self.lookup_ngram}" if self.lookup_ngram else ""
-        if self.lookup_ngram and self.step_length > self.beam_length:
-            lookup += f" L{self.step_length}"
-        tree = " search-tree" if self.tree == "search" else ""
-        return f"redrafter W{self.beam_width} L{self.beam_length}{tree}{lookup}"
+        label = self.name
+        if self.name == "redrafter":
+            lookup = f" +lookup{self.lookup_ngram}" if self.lookup_ngram else ""
+            if self.lookup_ngram and self.step_length > self.beam_length:
+                lookup += f" L{self.step_length}"
+            tree = " search-tree" if self.tree == "search" else ""
+            label = f"redrafter W{self.beam_width} L{self.beam_length}{tree}{lookup}"
+        return " ".join(x for x in (self.group, label, self.variant) if x)
 
     @abstractmethod
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
@@ -61,7 +64,8 @@ def _shape(decoder: Decoder) -> tuple[int | None, ...]:
     """(W, L, lookup n-gram, longest beam, tree) of a ReDrafter decoder; Nones for plain decoding."""
     if not decoder.speculative:
         return (None,) * 5
-    return decoder.beam_width, decoder.beam_length, decoder.lookup_ngram, decoder.step_length(), decoder.tree
+    c = decoder.config
+    return c.beam_width, c.beam_length, c.lookup_ngram, c.step_length, c.tree
 
 
 class OursSystem(System):

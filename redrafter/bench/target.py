@@ -5,14 +5,12 @@ ReDrafter decoders, so the speedup compares one model's two decoding modes.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from redrafter.runtime.config import DecodeConfig
 from redrafter.runtime.decoding import Decoder
-
-# (beam width W, beam length L, context lookup n-gram or 0, its beam's length or 0, tree: runtime.decoding.TREES)
-Config = tuple[int, int, int, int, str]
 
 
 @dataclass
@@ -20,28 +18,24 @@ class Target:
     tokenizer: Any
     eos_ids: list[int]
     encode_chat: Callable[[str], list[int]]
-    configs: list[Config]  # ReDrafter configurations to measure (empty without a drafter)
-    new_decoder: Callable[[int, Config | None, int], Decoder]  # (batch, config or None = plain, max_seq_len)
+    configs: list[DecodeConfig]  # ReDrafter settings to measure (empty without a drafter)
+    # (batch, config or None = plain, max_seq_len, fused: an engine's step program; None: its default)
+    new_decoder: Callable[[int, DecodeConfig | None, int, bool | None], Decoder]
     hf_dir: Path  # the HF checkpoint the transformers peer runs
     device: Any  # torch.device of the model under test (the HF peer runs there too)
     settings: dict  # what was loaded, for the JSON report
+    name: str = ""  # the engine's name, where several are compared
+    fused: list[bool | None] = field(default_factory=lambda: [None])  # each config is measured with each
 
 
-def open_target(engine: str | None, base: str | None, drafter: str | None, widths: list[int] | None,
-                lengths: list[int] | None, lookups: list[int], lookup_length: int, batch_sizes: list[int],
-                device: str | None, trees: list[str] | None = None) -> Target:
+def open_target(engine: str | None, base: str | None, drafter: str | None, configs: list[DecodeConfig],
+                given: bool, batch_sizes: list[int], device: str | None, name: str = "") -> Target:
+    """configs: the settings to measure (`given`: chosen on the command line; else the defaults,
+    which an engine replaces by its built setting)."""
     if engine:
         if drafter:
             raise ValueError("--engine brings its own drafter: drop --drafter (or bench --base/--drafter instead)")
-        if any(lookups) or lookup_length:
-            raise ValueError("an engine's lookup beam is chosen when it is built (`redrafter build --lookup N "
-                             "--lookup-length K`): drop --lookup/--lookup-length, or bench --base/--drafter")
-        if trees:
-            raise ValueError("an engine's tree is chosen when it is built (`redrafter build --tree search`): drop "
-                             "--tree, or bench --base/--drafter")
-        return _engine_target(engine, base, widths, lengths, batch_sizes, device)
-    if lookup_length and not any(lookups):
-        raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too")
+        return _engine_target(engine, base, configs if given else None, batch_sizes, device, name)
     from redrafter.runtime.pipeline import default_drafter_dir, load
 
     drafter = None if drafter == "none" else (drafter or "default")
@@ -49,13 +43,11 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, width
         raise FileNotFoundError(f"the shipped drafter {str(default_drafter_dir())!r} does not exist yet: "
                                 "pass --drafter DIR, or --drafter none to measure plain decoding and peers only")
     loaded = load(base or "default", drafter, device=device or "cpu")
-    configs = ([(w, l, n, lookup_length if n else 0, t) for w in widths or [4] for l in lengths or [4]
-                for n in lookups for t in trees or ["beams"]] if loaded.drafter else [])
+    configs = configs if loaded.drafter else []
 
-    def new_decoder(batch: int, config: Config | None, max_seq_len: int) -> Decoder:
-        w, l, n, k, tree = config or (1, 1, 0, 0, "beams")
-        return Decoder(loaded.model, loaded.drafter if config else None, max_batch=batch, max_seq_len=max_seq_len,
-                       beam_width=w, beam_length=l, lookup_ngram=n, lookup_length=k, tree=tree)
+    def new_decoder(batch: int, config: DecodeConfig | None, max_seq_len: int, fused: bool | None) -> Decoder:
+        return Decoder(loaded.model, loaded.drafter if config else None, config, max_batch=batch,
+                       max_seq_len=max_seq_len)
 
     settings = {"engine": None, "base": base or "default", "base_dir": str(loaded.base_dir), "drafter": drafter,
                 "drafter_config": asdict(loaded.drafter.cfg) if loaded.drafter else None,
@@ -65,28 +57,27 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, width
                   loaded.model.embed.weight.device, settings)
 
 
-def _engine_target(path: str, base: str | None, widths: list[int] | None, lengths: list[int] | None,
-                   batch_sizes: list[int], device: str | None) -> Target:
+def _engine_target(path: str, base: str | None, configs: list[DecodeConfig] | None, batch_sizes: list[int],
+                   device: str | None, name: str) -> Target:
     from redrafter.builder.engine import load_engine
     from redrafter.runtime.loading import resolve_base
 
     engine = load_engine(path, device=device)
     o = engine.options
-    built = (o.beam_width, o.beam_length)
-    if any(w != o.beam_width for w in widths or []) or any(l != o.beam_length for l in lengths or []):
-        raise ValueError(f"the engine was built for W={o.beam_width}, L={o.beam_length}: drop --beam-width/"
-                         "--beam-length or rebuild the engine with the shape to measure")
+    configs = (configs or [o.decode]) if engine.drafter else []
+    for c in configs:
+        c.check_within(o.decode, f"the engine {path}")
     if max(batch_sizes) > o.max_batch_size:
         raise ValueError(f"batch size {max(batch_sizes)} exceeds the engine's max batch size {o.max_batch_size}: "
                          "rebuild it with a larger --max-batch-size")
 
-    def new_decoder(batch: int, config: Config | None, max_seq_len: int) -> Decoder:
+    def new_decoder(batch: int, config: DecodeConfig | None, max_seq_len: int, fused: bool | None) -> Decoder:
         # The engine fixes max_seq_len at build time; `generate` rejects prompts that do not fit.
-        return engine.decoder(batch, speculative=config is not None)
+        return engine.decoder(batch, config or DecodeConfig.plain(), fused_step=fused)
 
     settings = {"engine": str(path), "base": base or "default", "drafter": "engine" if engine.drafter else None,
                 "drafter_config": engine.config.get("drafter"), "engine_build": engine.config["build"],
                 "dtype": o.dtype, "device": str(engine.model.embed.weight.device)}
-    configs = [(*built, o.lookup_ngram, o.lookup_length, o.tree)] if engine.drafter else []
-    return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, configs,
-                  new_decoder, resolve_base(base or "default"), engine.model.embed.weight.device, settings)
+    fused = [False, True] if engine.drafter and engine.programs().step is not None else [None]
+    return Target(engine.tokenizer, engine.eos_ids, engine.encode_chat, configs, new_decoder,
+                  resolve_base(base or "default"), engine.model.embed.weight.device, settings, name, fused)
