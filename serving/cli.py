@@ -109,16 +109,14 @@ def run_serve(args: argparse.Namespace) -> int:
                     print(f"redrafter serve: tritonserver exited with status {server.proc.returncode}",
                           file=sys.stderr)
                     return 1
-                pid, how = dead
-                print(f"redrafter serve: the model instance process {pid} {how}. Triton's Python backend neither "
-                      "restarts it nor ends the requests it was serving, so redrafter restarts tritonserver: "
-                      "requests in flight end with a closed connection; retry them.", file=sys.stderr, flush=True)
+                print(f"redrafter serve: {dead}; redrafter restarts tritonserver: requests in flight end with a "
+                      "closed connection; retry them.", file=sys.stderr, flush=True)
                 server.stop(graceful=False)
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
                 if len(restarts) > MAX_RESTARTS:
-                    print(f"redrafter serve: error: the model instance died {len(restarts)} times within "
-                          f"{RESTART_WINDOW_S:.0f} s: not restarting again (see the messages above)", file=sys.stderr)
+                    print(f"redrafter serve: error: {len(restarts)} restarts within {RESTART_WINDOW_S:.0f} s: "
+                          "not restarting again (see the messages above)", file=sys.stderr)
                     return 1
                 try:
                     for source in read_repository(repo).values():
@@ -136,14 +134,20 @@ def run_serve(args: argparse.Namespace) -> int:
             server.stop()
 
 
-def _watch(server) -> tuple[int, str] | None:
-    """Block until tritonserver exits (None) or a model instance's stub process dies (its pid
-    and how it ended)."""
+def _watch(server) -> str | None:
+    """Block until tritonserver exits on its own (None) or something dies that calls for a
+    restart (what happened): tritonserver killed by a signal (a crash), or a model instance's
+    stub process, which Triton's Python backend neither restarts nor reports (serving/server.py)."""
     while server.alive():
         dead = server.dead_stub()
         if dead is not None:
-            return dead
+            pid, how = dead
+            return (f"the model instance process {pid} {how}: Triton's Python backend neither restarts it "
+                    "nor ends the requests it was serving")
         time.sleep(WATCH_S)
+    status = server.proc.returncode
+    if status < 0:
+        return f"tritonserver was killed by signal {-status} ({signal.strsignal(-status)})"
     return None
 
 

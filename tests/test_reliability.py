@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import re
 import shutil
 import signal
 import subprocess
@@ -243,3 +242,136 @@ def test_opening_an_engine_unpickles_nothing(served, monkeypatch):
     finally:
         watching.clear()
     assert events == []
+
+
+# --- faults: the model instance killed, the engine damaged -----------------------------------------
+
+class LongStream:
+    """One long generation over gRPC, read response by response."""
+
+    def __init__(self, url: str, ids: list[int], max_new: int):
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+        inputs = dict(input_ids=np.array([ids], np.int32), request_output_len=np.array([[max_new]], np.int32),
+                      streaming=np.array([[True]]))
+        tensors = []
+        for name, value in inputs.items():
+            t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            t.set_data_from_numpy(value)
+            tensors.append(t)
+        self.client.async_stream_infer(MODEL, tensors)
+        self.tokens: list[int] = []
+        self.final = False
+
+    def read(self, timeout: float = 60) -> Exception | None:
+        """One response: its error, or None (tokens appended, final noted)."""
+        result, error = self.responses.get(timeout=timeout)
+        if error is None:
+            self.tokens += result.as_numpy("output_ids").reshape(-1).tolist()
+            self.final = result.get_response().parameters["triton_final_response"].bool_param
+        return error
+
+    def close(self) -> None:
+        try:
+            self.client.stop_stream(cancel_requests=True)
+        finally:
+            self.client.close()
+
+
+def wait_for(log: Path, text: str, proc: subprocess.Popen, count: int = 1, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while (out := log.read_text()).count(text) < count:
+        assert proc.poll() is None or out.count(text) >= count, f"serve exited {proc.returncode}:\n{out[-3000:]}"
+        assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{out[-3000:]}"
+        time.sleep(0.2)
+    return out
+
+
+def test_serve_restarts_a_killed_instance_and_refuses_an_engine_damaged_while_serving(served, tmp_path):
+    """(a) SIGKILL of the model instance mid-stream: the stream ends with an error, not a hang;
+    `serve` says what happened, restarts, and serves again. (b) The engine modified in place,
+    then removed, while streams run: they finish with the right tokens (the instance holds what
+    it loaded); the next restart refuses the engine with a clear error."""
+    engine = shutil.copytree(served.engine, tmp_path / "engine")
+    http_port, grpc_port, metrics_port = free_ports(3)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        cli = subprocess.Popen([sys.executable, "-m", "redrafter.cli", "serve", "--engine", str(engine),
+                                "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                                "--metrics-port", str(metrics_port)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{grpc_port}"
+    ids = [1, 17, 923, 4051, 77]
+    max_new = MAX_SEQ_LEN - len(ids)
+    want = served.offline.generate([ids], SamplingParams(max_new_tokens=max_new))[0].token_ids
+
+    def instance() -> int:
+        [server] = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p).endswith(
+            f"\0{metrics_port}\0".encode()) and _cmdline(p).split(b"\0")[0].endswith(b"tritonserver")]
+        [stub] = stub_processes(int(server))
+        return stub
+
+    try:
+        wait_for(log, "ready:", cli)
+        # (a) the instance killed while a stream is in flight
+        s = LongStream(url, ids, max_new)
+        assert s.read() is None and not s.final  # the stream is running
+        victim = instance()
+        os.kill(victim, signal.SIGKILL)
+        error = None
+        while error is None:
+            assert not s.final, "the stream finished before the kill landed: nothing was in flight"
+            error = s.read(timeout=60)  # queue.Empty here would be the hang Triton leaves alone
+        s.close()
+        out = wait_for(log, "ready:", cli, count=2)
+        assert f"the model instance process {victim} killed by SIGKILL" in out and "restarting tritonserver" in out
+        again = LongStream(url, ids, 12)
+        while again.read() is None and not again.final:
+            pass
+        again.close()
+        assert again.final and again.tokens == want[:12]
+
+        # (b) the engine modified in place, then removed, under running streams
+        for damage in (lambda: (engine / "tokenizer" / "tokenizer.json").write_text("{}"),
+                       lambda: shutil.rmtree(engine)):
+            s = LongStream(url, ids, max_new)
+            assert s.read() is None and not s.final
+            damage()
+            assert not s.final  # it was still running when the damage landed
+            while not s.final:
+                assert s.read() is None
+            s.close()
+            assert s.tokens == want
+        os.kill(instance(), signal.SIGKILL)  # the next restart must refuse the damaged engine
+        assert cli.wait(timeout=60) == 1
+        assert f"cannot restart: {str(engine)!r} is not an engine directory" in log.read_text()
+    finally:
+        if cli.poll() is None:
+            cli.terminate()
+            try:
+                cli.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                cli.kill()
+
+
+def test_serve_refuses_a_damaged_engine_before_starting(served, tmp_path, capsys):
+    from redrafter.cli import main
+
+    engine = shutil.copytree(served.engine, tmp_path / "engine")
+    with open(engine / "drafter.safetensors", "r+b") as f:  # one flipped byte
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    assert main(["serve", "--engine", str(engine)]) == 2
+    assert "checksum mismatch for engine file 'drafter.safetensors'" in capsys.readouterr().err
+    shutil.rmtree(engine)
+    assert main(["serve", "--engine", str(engine)]) == 2
+    assert "is not an engine directory" in capsys.readouterr().err
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
