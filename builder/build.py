@@ -4,6 +4,10 @@ Stages: load -> convert (dtype, int8) -> write weights and tokenizer -> compile 
 (backend) -> checksums + config.json -> fsync -> rename. Everything is written into a
 temporary directory beside the output; only a finished engine is renamed into place, and
 any failure or interruption (KeyboardInterrupt included) removes the temporary directory.
+A build killed outright (SIGKILL, power loss) leaves the old engine in place and its
+temporary directory behind, which the next build of the same output removes: the finished
+engine replaces the old one in one atomic exchange of the two directories
+(runtime.files.replace_dir), so no moment exists at which the output holds no engine or half of one.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from redrafter.runtime.files import out_of_space, replace_dir
 from redrafter.runtime.scheduler import default_beam_shape
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
@@ -95,8 +100,11 @@ def build_engine(options: BuildOptions) -> Path:
         missing_trt = _build_into(tmp, options, opts)
         _fsync_tree(tmp)
         _replace_dir(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if out_of_space(e):
+            raise ValueError(f"out of disk space writing the engine beside {str(out)!r} ({e}): free space or "
+                             "build to another --output; any engine already there is unchanged") from e
         raise
     if missing_trt:
         from .tensorrt import TensorRTUnavailable, unavailable_message
@@ -334,14 +342,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing engine (or empty dir) at out is swapped out and removed."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    """Put tmp at out (runtime.files.replace_dir: an engine already there is exchanged with it
+    atomically, then removed) and make the rename durable."""
+    replace_dir(tmp, out)
     fd = os.open(out.parent, os.O_RDONLY)
     try:
         os.fsync(fd)

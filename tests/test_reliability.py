@@ -375,3 +375,100 @@ def _cmdline(pid: str) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+# --- faults: `redrafter build` and `redrafter train` killed ----------------------------------------
+
+def _cli(*args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "redrafter.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, **popen)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 180) -> None:
+    """SIGKILL `proc` as soon as ready() holds (polled every few ms)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"it ended before the kill:\n{proc.stdout.read().decode()[-3000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+def test_build_killed_at_each_stage_or_out_of_disk_keeps_the_old_engine(tiny_hf_dir, tmp_path):
+    from redrafter.builder.build import BuildOptions, build_engine
+    from redrafter.builder.engine import read_config
+
+    base, drafter = tiny_hf_dir
+    out = build_engine(BuildOptions(output=tmp_path / "engine", base=base, drafter=drafter, backend="eager",
+                                    beam_width=2, beam_length=3, max_seq_len=128, progress=False))
+    old = read_config(out)
+    args = ["build", "--base", str(base), "--drafter", str(drafter), "--backend", "eager", "--beam-width", "3",
+            "--max-seq-len", "128", "--output", str(out), "--no-progress"]
+
+    def building(name: str):
+        return lambda: any((d / name).exists() for d in tmp_path.glob(".engine.building-*"))
+
+    for stage in ("", "base.safetensors", "drafter.safetensors", "tokenizer"):  # "": its directory exists
+        _kill_when(_cli(*args), building(stage))
+        assert read_config(out) == old  # the old engine, whole (read_config checks every file's checksum)
+    assert list(tmp_path.glob(".engine.building-*"))  # SIGKILL left its temporary directory...
+
+    def small_files() -> None:  # a 1 MiB file-size limit: writes past it fail as on a full disk
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    full = _cli(*args, preexec_fn=small_files)
+    message = full.communicate(timeout=180)[0].decode()
+    assert full.returncode == 2 and "redrafter build: error: out of disk space writing the engine" in message, message
+    assert "Traceback" not in message and "unchanged" in message
+    assert read_config(out) == old
+    assert not list(tmp_path.glob(".engine.building-*"))  # ...which the next build removed; its own too
+
+    build_engine(BuildOptions(output=out, base=base, drafter=drafter, backend="eager", beam_width=3,
+                              beam_length=3, max_seq_len=128, progress=False))
+    assert read_config(out)["build"]["beam_width"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+
+
+def test_train_sigkilled_mid_epoch_resumes_bitwise(tmp_path, tiny_hf_dir):
+    """A real SIGKILL of `redrafter train` between checkpoints, then --resume: the same weights
+    and loss curve as a run never interrupted."""
+    from safetensors.torch import load_file
+
+    import torch
+
+    from test_training import _write_jsonl
+
+    base, _ = tiny_hf_dir
+    data = _write_jsonl(tmp_path / "convs.jsonl")
+    args = ["train", "--base", str(base), "--data", str(data), "--seq-len", "64", "--epochs", "2", "--batch-size",
+            "16", "--draft-len", "2", "--lr", "3e-3", "--cache-dir", str(tmp_path / "cache"), "--checkpoint-every", "3"]
+    full = _cli(*args, "--output", str(tmp_path / "full"))
+    assert full.wait(timeout=300) == 0, full.stdout.read().decode()[-3000:]
+    full.stdout.close()
+    steps = json.loads((tmp_path / "full" / "metrics.json").read_text())["steps"]
+    assert steps >= 12  # room to be killed mid-epoch, past a checkpoint
+
+    state = tmp_path / "parts" / "checkpoint" / "trainer_state.json"
+
+    def past_a_checkpoint() -> bool:
+        try:
+            return json.loads(state.read_text())["step"] >= 6
+        except (OSError, ValueError):
+            return False
+
+    _kill_when(_cli(*args, "--output", str(tmp_path / "parts")), past_a_checkpoint)
+    killed_at = json.loads(state.read_text())["step"]
+    assert killed_at < steps and not (tmp_path / "parts" / "model.safetensors").exists()
+    resumed = _cli(*args, "--output", str(tmp_path / "parts"), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()[-3000:]
+    resumed.stdout.close()
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "parts" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((tmp_path / "full" / "metrics.json").read_text())["history"]
+    hb = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
+    assert [h["loss"] for h in ha] == [h["loss"] for h in hb]

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from redrafter.runtime.drafter import DraftHead, DrafterConfig, check_compatible, load_drafter, save_drafter
+from redrafter.runtime.files import replace_dir
 
 LABELS = ("distill", "kl", "ground-truth")
 CHECKPOINT = "checkpoint"
@@ -487,12 +488,7 @@ def _save_checkpoint(path: Path, cfg: TrainConfig, head: DraftHead, opt, sched, 
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt_state["param_groups"]]
     _write_json(tmp / "trainer_state.json", state | {"run": cfg.run_key(), "param_groups": groups,
                                                      "scheduler": sched.state_dict()})
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_dir(tmp, path)  # a kill at any moment leaves the previous checkpoint or this one
 
 
 def _load_checkpoint(path: Path, cfg: TrainConfig, head: DraftHead, opt, sched) -> dict:
