@@ -15,6 +15,8 @@ RESTART_WINDOW_S = 600.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from . import loadtest
+
     repo = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository for an engine")
     _add_source_args(repo)
     repo.add_argument("--output", required=True, help="repository directory to write (an existing one is replaced)")
@@ -30,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     serve.set_defaults(func=run_serve)
+    loadtest.register(sub)
 
 
 def _add_source_args(p: argparse.ArgumentParser, repository: bool = False) -> None:
