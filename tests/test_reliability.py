@@ -473,3 +473,42 @@ def test_train_sigkilled_mid_epoch_resumes_bitwise(tmp_path, tiny_hf_dir):
     ha = json.loads((tmp_path / "full" / "metrics.json").read_text())["history"]
     hb = json.loads((tmp_path / "parts" / "metrics.json").read_text())["history"]
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+
+
+# --- load -------------------------------------------------------------------------------------------
+
+def _loadtest_args(served, engine: Path, requests: int, concurrency: int) -> list[str]:
+    return ["loadtest", "--engine", str(engine), "--host", "127.0.0.1", "--http-port", str(served.server.http_port),
+            "--grpc-port", str(served.server.grpc_port), "--metrics-port", str(served.server.metrics_port),
+            "--requests", str(requests), "--concurrency", str(concurrency), "--max-tokens", "8", "--json"]
+
+
+def test_loadtest_mixed_clients_with_cancellations_lose_nothing_and_match_the_offline_session(served, capsys):
+    from redrafter.cli import main
+
+    status = main(_loadtest_args(served, served.engine, 40, 8))
+    report = json.loads(capsys.readouterr().out)
+    assert report["violations"] == [] and status == 0
+    assert report["completed"] + report["cancelled"] == 40 and report["cancelled"] >= 1
+    assert report["lost"] == report["error"] == report["differing"] == 0
+    assert all(report["kinds"].values()) and 0 < report["sampled"] < 40
+    assert report["rss_end_mib"] is not None  # the server's memory was measured
+
+
+def test_loadtest_reports_answers_that_differ(served, tiny_hf_dir, tmp_path, capsys):
+    """The check can fail: against another engine's expected answers every answer differs."""
+    from conftest import tiny_llama
+
+    from redrafter.builder.build import BuildOptions, build_engine
+    from redrafter.cli import main
+    from redrafter.runtime.loading import save_hf_checkpoint
+
+    base, _ = tiny_hf_dir
+    other = save_hf_checkpoint(tiny_llama(tied=True, seed=5, vocab=VOCAB, eos_token_ids=[2], bos_token_id=1),
+                               tmp_path / "other", tokenizer_dir=base)
+    engine = build_engine(BuildOptions(output=tmp_path / "engine", base=other, drafter="none", backend="eager",
+                                       max_seq_len=MAX_SEQ_LEN, progress=False))
+    assert main([*_loadtest_args(served, engine, 6, 3), "--cancel-fraction", "0"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["differing"] == report["completed"] == 6
+    assert any("differ from the offline Session" in v for v in report["violations"])
