@@ -17,11 +17,13 @@ accepted_tokens lists, for each decoder step a response covers, the tokens that 
 prefill, is no step). The last response of a request carries finish_reason ("stop" | "length").
 Triton checks names, data types and fixed dimensions against config.pbtxt; `parse_request`
 checks the rest and raises ValueError naming the input and the fix, which the model returns as
-that request's error (code INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT).
+that request's error with code INVALID_ARG: HTTP 400; over gRPC (always a stream, the model
+being decoupled) a stream error carrying the message, whose INVALID_ARGUMENT status Triton sends
+only in its triton_grpc_error stream mode.
 
 Limits. A request is refused before it costs memory or time out of proportion to what it may
-ask for: Triton accepts any payload it can parse (no size option for either protocol), so the
-model checks sizes before it decodes or copies anything:
+ask for: Triton accepts any payload it can parse (this tritonserver has no size option for
+either protocol), so the model checks sizes before it decodes or copies anything:
 - prompt: at most max_seq_len - 1 tokens (the engine's max_seq_len; one token left to generate),
   and input_ids may carry at most max_seq_len ids (padding included); text_input at most
   MAX_TEXT_BYTES bytes of UTF-8 (then its tokens count against max_seq_len, in the Session);
