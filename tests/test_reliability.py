@@ -205,12 +205,19 @@ def test_hostile_requests_are_refused_by_name_and_the_server_stays_up_with_flat_
 
 # --- exposure --------------------------------------------------------------------------------------
 
-def test_serve_binds_loopback_by_default_and_warns_beyond_it():
-    from redrafter.cli import build_parser
+def test_serve_binds_loopback_by_default_and_warns_beyond_it(tmp_path, capsys):
+    from redrafter.cli import build_parser, main
 
     assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
     assert not any(exposed(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
     assert all(exposed(h) for h in ("0.0.0.0", "::", "192.168.1.7", "example.org"))
+    # the warning comes before the server starts (here it cannot: the repository is empty)
+    assert main(["serve", "--repository", str(tmp_path), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: binding 0.0.0.0 makes the server reachable from other machines" in err
+    assert "no authentication" in err and "not a Triton model repository" in err
+    assert main(["serve", "--repository", str(tmp_path)]) == 2
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_opening_an_engine_unpickles_nothing(served, monkeypatch):
