@@ -305,13 +305,15 @@ def test_serve_restarts_a_killed_instance_and_refuses_an_engine_damaged_while_se
     engine = shutil.copytree(served.engine, tmp_path / "engine")
     http_port, grpc_port, metrics_port = free_ports(3)
     log = tmp_path / "serve.log"
+    # One OpenMP thread: on a CPU shared with other jobs two spinning pools make steps 10x slower.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     with open(log, "w") as out:
         cli = subprocess.Popen([sys.executable, "-m", "redrafter.cli", "serve", "--engine", str(engine),
                                 "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                                "--metrics-port", str(metrics_port)], stdout=out, stderr=subprocess.STDOUT)
+                                "--metrics-port", str(metrics_port)], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"127.0.0.1:{grpc_port}"
     ids = [1, 17, 923, 4051, 77]
-    max_new = MAX_SEQ_LEN - len(ids)
+    max_new = 200  # long enough to be in flight when the kill or the damage lands (both asserted)
     want = served.offline.generate([ids], SamplingParams(max_new_tokens=max_new))[0].token_ids
 
     def instance() -> int:
@@ -323,9 +325,9 @@ def test_serve_restarts_a_killed_instance_and_refuses_an_engine_damaged_while_se
     try:
         wait_for(log, "ready:", cli)
         # (a) the instance killed while a stream is in flight
+        victim = instance()
         s = LongStream(url, ids, max_new)
         assert s.read() is None and not s.final  # the stream is running
-        victim = instance()
         os.kill(victim, signal.SIGKILL)
         error = None
         while error is None:
