@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    serve.add_argument("--threads", type=int, default=0,
+                       help="torch CPU threads per model instance (default: torch's, one per core); 1 keeps decoder "
+                            "steps fast on a CPU shared with other busy processes, where spinning thread pools stall")
     serve.set_defaults(func=run_serve)
     loadtest.register(sub)
 
@@ -98,8 +101,10 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"redrafter serve: warning: binding {args.host} makes the server reachable from other machines, "
                   "and it has no authentication: anyone who can connect can run the model. Keep it on 127.0.0.1 "
                   "behind a reverse proxy that authenticates (README, Serving).", file=sys.stderr, flush=True)
+        if args.threads < 0:
+            raise ValueError(f"--threads {args.threads} must be >= 0 (0: torch's default)")
         server = TritonServer(repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port)
+                              metrics_port=args.metrics_port, threads=args.threads)
         signal.signal(signal.SIGTERM, _interrupt)
         restarts: list[float] = []
         try:

@@ -115,12 +115,13 @@ class TritonServer:
     """A tritonserver process on `repository`, bound to `host` (loopback by default).
 
     `log` is a file for the server's output (None: inherit this process's stdout/stderr).
+    `threads` > 0 sets OMP_NUM_THREADS for the model instances (torch's CPU threads each).
     Use as a context manager, or call start() and stop().
     """
 
     def __init__(self, repository: str | os.PathLike, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, log: str | os.PathLike | None = None,
-                 exit_timeout_s: int = 10):
+                 exit_timeout_s: int = 10, threads: int = 0):
         self.repository = Path(repository).resolve()
         if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
             raise FileNotFoundError(f"{str(self.repository)!r} is not a Triton model repository "
@@ -128,6 +129,7 @@ class TritonServer:
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.log = Path(log) if log is not None else None
         self.exit_timeout_s = exit_timeout_s
+        self.threads = threads
         self.proc: subprocess.Popen | None = None
         self.stubs: tuple[int, ...] = ()  # the model instances' stub processes, found once ready
         self._workdir: Path | None = None
@@ -163,6 +165,8 @@ class TritonServer:
             libs = [*map(str, install.lib_dirs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")]
             env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
             env["PATH"] = f"{python / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+            if self.threads:
+                env["OMP_NUM_THREADS"] = str(self.threads)
             out = open(self.log, "ab") if self.log is not None else None
             try:
                 # Its own process group: stop() can reach the stub processes too.

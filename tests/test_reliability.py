@@ -305,12 +305,12 @@ def test_serve_restarts_a_killed_instance_and_refuses_an_engine_damaged_while_se
     engine = shutil.copytree(served.engine, tmp_path / "engine")
     http_port, grpc_port, metrics_port = free_ports(3)
     log = tmp_path / "serve.log"
-    # One OpenMP thread: on a CPU shared with other jobs two spinning pools make steps 10x slower.
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # One thread: on a CPU shared with other jobs two spinning OpenMP pools make steps 10x slower.
     with open(log, "w") as out:
         cli = subprocess.Popen([sys.executable, "-m", "redrafter.cli", "serve", "--engine", str(engine),
                                 "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                                "--metrics-port", str(metrics_port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                "--metrics-port", str(metrics_port), "--threads", "1"],
+                               stdout=out, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{grpc_port}"
     ids = [1, 17, 923, 4051, 77]
     max_new = 200  # long enough to be in flight when the kill or the damage lands (both asserted)
@@ -326,6 +326,7 @@ def test_serve_restarts_a_killed_instance_and_refuses_an_engine_damaged_while_se
         wait_for(log, "ready:", cli)
         # (a) the instance killed while a stream is in flight
         victim = instance()
+        assert b"\0OMP_NUM_THREADS=1\0" in b"\0" + Path(f"/proc/{victim}/environ").read_bytes()  # --threads 1
         s = LongStream(url, ids, max_new)
         assert s.read() is None and not s.final  # the stream is running
         os.kill(victim, signal.SIGKILL)
