@@ -4,6 +4,10 @@ Stages: load -> convert (dtype, int8) -> write weights and tokenizer -> compile 
 (backend) -> checksums + config.json -> fsync -> rename. Everything is written into a
 temporary directory beside the output; only a finished engine is renamed into place, and
 any failure or interruption (KeyboardInterrupt included) removes the temporary directory.
+A build killed outright (SIGKILL, power loss) leaves the old engine in place and its
+temporary directory behind, which the next build of the same output removes: the finished
+engine replaces the old one in one atomic exchange of the two directories
+(runtime.atomic.replace_dir), so no moment exists at which the output holds no engine or half of one.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from redrafter.runtime.atomic import atomic_dir
+from redrafter.runtime.atomic import atomic_dir, out_of_space
 from redrafter.runtime.config import DecodeConfig
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
@@ -83,9 +87,15 @@ def build_engine(options: BuildOptions) -> Path:
     if opts.backend in ("onnx", "tensorrt") and opts.quantize != "none":
         raise ValueError(f"{opts.quantize} engines use torch's weight-only {opts.quantize} matmul, which has no "
                          f"ONNX export: use --backend aoti or eager with --quantize {opts.quantize}")
-    with atomic_dir(out) as tmp:
-        missing_trt = _build_into(tmp, options, opts)
-        _fsync_tree(tmp)
+    try:
+        with atomic_dir(out) as tmp:
+            missing_trt = _build_into(tmp, options, opts)
+            _fsync_tree(tmp)
+    except Exception as e:  # the safetensors writer wraps the system's error in its own
+        if out_of_space(e):
+            raise ValueError(f"out of disk space writing the engine beside {str(out)!r} ({e}): free space or "
+                             "build to another --output; any engine already there is unchanged") from e
+        raise
     if missing_trt:
         from .tensorrt import TensorRTUnavailable, unavailable_message
 

@@ -1,7 +1,12 @@
 """Atomic writes: a file or directory is written under a temporary name beside its place and renamed
-there when complete, so a reader (or a run killed half-way) never sees a partial one."""
+there when complete, so a reader (or a run killed half-way) never sees a partial one. A directory
+that already exists (an engine, a training checkpoint) is exchanged with the new one in a single
+step, so a process killed at any moment (SIGKILL, power loss) leaves the old or the new directory
+in place, never neither and never a mix."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -28,12 +33,7 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
         if path.exists() and not replace:
             shutil.rmtree(tmp)
             return
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():  # swapped out first, removed after: `path` always holds one whole version
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
         fd = os.open(path.parent, os.O_RDONLY)  # the rename, durably
         try:
             os.fsync(fd)
@@ -42,6 +42,54 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the directory `new` at `path`. An existing `path` is exchanged with `new` in one atomic
+    step (Linux renameat2 RENAME_EXCHANGE) and then removed; where the system or filesystem cannot
+    exchange, it is renamed aside first, which leaves a moment with nothing at `path`."""
+    if not path.exists():
+        os.replace(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new)  # now the old directory
+    else:
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"cannot exchange {str(a)!r} and {str(b)!r}: {os.strerror(code)}")
+
+
+SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def out_of_space(e: BaseException | None) -> bool:
+    """Whether a write failed for want of space (a full disk, a quota, a file-size limit). The
+    safetensors writer reports it as its own error that carries the system's message."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in SPACE_ERRORS:
+            return True
+        if any(os.strerror(code) in str(e) for code in SPACE_ERRORS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _alive(pid: int) -> bool:

@@ -92,9 +92,13 @@ class TritonPythonModel:
             return None if t is None else t.as_numpy()
 
         try:
-            parsed = parse_request(get, self.session.vocab_size)
+            parsed = parse_request(get, self.session.vocab_size, self.session.max_seq_len)
         except ValueError as e:
-            _send_error(pb, sender, str(e))
+            _send_error(pb, sender, str(e), invalid=True)
+            return
+        except Exception as e:  # a bug: answer this request, keep serving
+            self.log.log_error(f"redrafter: parsing a request failed: {type(e).__name__}: {e}")
+            _send_error(pb, sender, f"internal error: {type(e).__name__}: {e}")
             return
         stream = _Stream(request, sender, parsed, StopMatcher(parsed.stop_sequences), f"triton-{next(self._ids)}")
         self._outbox.put((stream, None))  # registers it with the responder before any of its deltas
@@ -102,7 +106,7 @@ class TritonPythonModel:
             self.session.submit(parsed.prompt, parsed.params, lambda d: self._outbox.put((stream, d)),
                                 request_id=stream.rid)
         except ValueError as e:
-            self._outbox.put((stream, _Rejected(str(e))))
+            self._outbox.put((stream, _Rejected(str(e), invalid=True)))
         except Exception as e:  # a bug or a closed session: answer rather than leave the client waiting
             self.log.log_error(f"redrafter: submit failed: {type(e).__name__}: {e}")
             self._outbox.put((stream, _Rejected(f"internal error: {type(e).__name__}: {e}")))
@@ -139,7 +143,7 @@ class TritonPythonModel:
             return
         if isinstance(delta, _Rejected):
             self._close(s)
-            _send_error(self.pb, s.sender, delta.message)
+            _send_error(self.pb, s.sender, delta.message, invalid=delta.invalid)
             return
         if delta.finish_reason == "error" or (self._unloading and delta.finish_reason == "cancelled"):
             self._close(s)
@@ -204,6 +208,7 @@ class TritonPythonModel:
 @dataclass(frozen=True)
 class _Rejected:
     message: str
+    invalid: bool = False  # the request's fault (INVALID_ARG), else the server's (INTERNAL)
 
 
 def _cancelled(s: _Stream) -> bool:
@@ -214,9 +219,12 @@ def _cancelled(s: _Stream) -> bool:
         return True
 
 
-def _send_error(pb: Any, sender: Any, message: str) -> None:
+def _send_error(pb: Any, sender: Any, message: str, invalid: bool = False) -> None:
+    """A request's final response, an error: INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) when
+    the request is at fault, so clients know not to retry it as it is; else INTERNAL."""
+    code = pb.TritonError.INVALID_ARG if invalid else pb.TritonError.INTERNAL
     try:
-        sender.send(pb.InferenceResponse(error=pb.TritonError(message)),
+        sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)),
                     flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
     except Exception:
         pass

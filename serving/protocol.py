@@ -15,8 +15,24 @@ requests share the in-flight batch:
 accepted_tokens lists, for each decoder step a response covers, the tokens that step added
 (accepted drafts + the bonus token, so plain decoding gives 1s; the first token, from
 prefill, is no step). The last response of a request carries finish_reason ("stop" | "length").
-Triton checks names and data types against config.pbtxt; `parse_request` checks the rest and
-raises ValueError naming the input and the fix, which the model returns as that request's error.
+Triton checks names, data types and fixed dimensions against config.pbtxt; `parse_request`
+checks the rest and raises ValueError naming the input and the fix, which the model returns as
+that request's error with code INVALID_ARG: HTTP 400; over gRPC (always a stream, the model
+being decoupled) a stream error carrying the message, whose INVALID_ARGUMENT status Triton sends
+only in its triton_grpc_error stream mode.
+
+Limits. A request is refused before it costs memory or time out of proportion to what it may
+ask for: Triton accepts any payload it can parse (this tritonserver has no size option for
+either protocol), so the model checks sizes before it decodes or copies anything:
+- prompt: at most max_seq_len - 1 tokens (the engine's max_seq_len; one token left to generate),
+  and input_ids may carry at most max_seq_len ids (padding included); text_input at most
+  MAX_TEXT_BYTES bytes of UTF-8 (then its tokens count against max_seq_len, in the Session);
+- prompt + max_tokens: at most max_seq_len (the Session's check);
+- stop words: at most MAX_STOP_WORDS per request, each at most MAX_STOP_WORD_BYTES bytes (text)
+  or MAX_STOP_WORD_TOKENS tokens (stop_words_list);
+- temperature: 0 (greedy) or a finite number >= MIN_TEMPERATURE (smaller ones overflow the
+  scaled logits to inf); top_p in (0, 1]; top_k >= 0; random_seed < 2**63; token ids
+  (input_ids, end_id, stop_words_list) inside the vocabulary.
 """
 from __future__ import annotations
 
@@ -71,6 +87,11 @@ ALIASES = (("request_output_len", "max_tokens"), ("streaming", "stream"),
 TOKEN_ONLY = ("input_lengths", "end_id", "pad_id", "stop_words_list", "exclude_input_in_output")
 TEXT_ONLY = ("stop_words",)
 SEED_LIMIT = 2**63  # SamplingParams.seed range
+MAX_TEXT_BYTES = 256 * 1024  # text_input; a prompt that long is already far beyond any max_seq_len in use
+MAX_STOP_WORDS = 16  # stop strings or stop sequences per request: each is matched at every step
+MAX_STOP_WORD_BYTES = 256
+MAX_STOP_WORD_TOKENS = 64
+MIN_TEMPERATURE = 1e-6  # logits / temperature must stay finite in float32
 
 
 @dataclass(frozen=True)
@@ -83,9 +104,9 @@ class ParsedRequest:
     stop_sequences: tuple[tuple[int, ...], ...] = ()  # token interface: generation ends after any of these
 
 
-def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int) -> ParsedRequest:
-    """Validate one request's tensors; `get(name)` returns the input as an array of shape
-    [1, *dims] (batch first) or None when the request does not carry it."""
+def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int, max_seq_len: int) -> ParsedRequest:
+    """Validate one request's tensors against the limits above; `get(name)` returns the input
+    as an array of shape [1, *dims] (batch first) or None when the request does not carry it."""
     arrays = {name: get(name) for name in sorted(INPUT_NAMES)}
     arrays = {k: v for k, v in arrays.items() if v is not None}
     for name, a in arrays.items():
@@ -118,11 +139,15 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int) -> P
         raw = arrays["text_input"]
         if raw.size != 1:
             raise ValueError(f"input 'text_input' must hold one string, got shape {list(raw.shape)}")
-        prompt = _text(raw.reshape(-1)[0], "text_input")
+        prompt = _text(raw.reshape(-1)[0], "text_input", MAX_TEXT_BYTES)
         if not prompt.strip():
             raise ValueError("empty prompt: 'text_input' must contain some text")
     else:
         ids = arrays["input_ids"].reshape(-1)
+        if ids.size > max_seq_len:
+            raise ValueError(f"input_ids holds {ids.size} token ids, more than the engine's max_seq_len "
+                             f"{max_seq_len}: shorten the prompt (at most {max_seq_len - 1} tokens, leaving room "
+                             "to generate)")
         _, length = scalar("input_lengths")
         if length is not None:
             if not 1 <= length <= ids.size:
@@ -143,6 +168,8 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int) -> P
     name, temperature = scalar("temperature")
     if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
+    if temperature is not None and 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature={temperature} is below {MIN_TEMPERATURE}: use 0 for greedy decoding")
     name, top_k = scalar("runtime_top_k", "top_k")
     if top_k is not None and top_k < 0:
         raise ValueError(f"{name}={top_k} must be >= 0 (0 = no top-k filter)")
@@ -163,7 +190,10 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int) -> P
 
     stop: tuple[str, ...] = ()
     if "stop_words" in arrays:
-        words = [_text(w, "stop_words") for w in arrays["stop_words"].reshape(-1)]
+        raw_words = arrays["stop_words"].reshape(-1)
+        if raw_words.size > MAX_STOP_WORDS:
+            raise ValueError(f"stop_words holds {raw_words.size} strings, more than the limit of {MAX_STOP_WORDS}")
+        words = [_text(w, "stop_words", MAX_STOP_WORD_BYTES) for w in raw_words]
         stop = tuple(w for w in words if w)  # TRT-LLM clients send "" for "no stop words"
     stop_sequences = _stop_words_list(arrays["stop_words_list"], vocab_size) if "stop_words_list" in arrays else ()
 
@@ -183,11 +213,14 @@ def parse_request(get: Callable[[str], np.ndarray | None], vocab_size: int) -> P
                          stop_sequences=stop_sequences)
 
 
-def _text(value: bytes | str, name: str) -> str:
+def _text(value: bytes | str, name: str, max_bytes: int) -> str:
+    raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+    if len(raw) > max_bytes:
+        raise ValueError(f"input {name!r} holds {len(raw)} bytes, more than the limit of {max_bytes}")
     try:
-        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-    except UnicodeDecodeError:
-        raise ValueError(f"input {name!r} is not valid UTF-8") from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input {name!r} is not valid UTF-8 (byte {e.start}): send UTF-8 text") from None
 
 
 def _stop_words_list(a: np.ndarray, vocab_size: int) -> tuple[tuple[int, ...], ...]:
@@ -196,15 +229,23 @@ def _stop_words_list(a: np.ndarray, vocab_size: int) -> tuple[tuple[int, ...], .
     if a.ndim != 3 or a.shape[1] != 2:
         raise ValueError(f"stop_words_list has shape {list(a.shape)}, expected [1, 2, n] "
                          "(row 0 token ids, row 1 cumulative end offsets padded with -1)")
+    if a.shape[2] > MAX_STOP_WORDS * MAX_STOP_WORD_TOKENS:
+        raise ValueError(f"stop_words_list holds {a.shape[2]} ids, more than the limit of "
+                         f"{MAX_STOP_WORDS} sequences of {MAX_STOP_WORD_TOKENS} tokens")
     tokens, offsets = a[0, 0].tolist(), a[0, 1].tolist()
     ends = [o for o in offsets if o >= 0]
     if offsets[: len(ends)] != ends:
         raise ValueError("stop_words_list offsets must come first, followed only by -1 padding")
+    if len(ends) > MAX_STOP_WORDS:
+        raise ValueError(f"stop_words_list holds {len(ends)} sequences, more than the limit of {MAX_STOP_WORDS}")
     sequences, start = [], 0
     for end in ends:
         if not start < end <= len(tokens):
             raise ValueError(f"stop_words_list offsets {ends} must increase and stay within the {len(tokens)} ids")
         seq = tuple(tokens[start:end])
+        if len(seq) > MAX_STOP_WORD_TOKENS:
+            raise ValueError(f"stop_words_list holds a sequence of {len(seq)} tokens, more than the limit of "
+                             f"{MAX_STOP_WORD_TOKENS}")
         if any(not 0 <= t < vocab_size for t in seq):
             raise ValueError(f"stop_words_list holds a token id outside the vocabulary [0, {vocab_size})")
         sequences.append(seq)

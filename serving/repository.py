@@ -10,6 +10,7 @@ of it; the repository only says what to serve.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -94,6 +95,14 @@ class ModelSource:
         return cls(decode=DecodeConfig(**given) if given else None,
                    **{k: int(v) if kinds[k] == "int" else v for k, v in params.items() if k in kinds})
 
+    def check(self) -> None:
+        """What can be checked without loading: an engine's directory, schema and the checksum
+        of every file, so a damaged or missing engine is refused before a server starts on it."""
+        if self.engine:
+            from redrafter.builder.engine import read_config
+
+            read_config(Path(self.engine), verify=True)
+
     def open_session(self):
         from redrafter.runtime.session import Session
 
@@ -156,6 +165,20 @@ def write_repository(output: str | os.PathLike, source: ModelSource, *, name: st
         (tmp / name / "config.pbtxt").write_text(config)
         (tmp / name / "1" / "model.py").write_text(MODEL_PY)
     return out
+
+
+def read_repository(repository: str | os.PathLike) -> dict[str, ModelSource]:
+    """What each model of a repository written by `write_repository` serves, by model name."""
+    sources = {}
+    for config in sorted(Path(repository).glob("*/config.pbtxt")):
+        model_py = config.parent / "1" / "model.py"
+        if not model_py.is_file() or model_py.read_text(errors="replace") != MODEL_PY:
+            continue  # not a redrafter model: Triton checks it itself
+        text = config.read_text()
+        params = {k: re.sub(r"\\(.)", r"\1", v) for k, v in
+                  re.findall(r'key: "([^"]+)" value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', text)}
+        sources[config.parent.name] = ModelSource.from_parameters(params)
+    return sources
 
 
 def _engine_batch_size(engine: str) -> int:

@@ -10,9 +10,19 @@ descriptors, so when this environment has NumPy 2 the overlay puts a NumPy 1.x s
 directory (STUB_SITE, installed once with pip) in front; torch and our code run on either.
 Everything the server needs besides the repository lives in a private work directory
 removed at stop; nothing is written into site-packages.
+
+When a stub process dies (killed, out of memory, a crash in native code), Triton's Python
+backend (as shipped in nvidia-pytriton 0.7.0) does not restart it, never ends the requests it
+was streaming (their clients wait forever) and keeps reporting the model ready while every new
+request fails with "Stub process ... is not healthy". So `dead_stub` watches the stubs, and
+`redrafter serve` restarts the whole server when one dies (serving/cli.py).
+
+The server has no authentication: it binds 127.0.0.1 unless told otherwise, and `exposed`
+says when an address reaches beyond this machine.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -105,12 +115,13 @@ class TritonServer:
     """A tritonserver process on `repository`, bound to `host` (loopback by default).
 
     `log` is a file for the server's output (None: inherit this process's stdout/stderr).
+    `threads` > 0 sets OMP_NUM_THREADS for the model instances (torch's CPU threads each).
     Use as a context manager, or call start() and stop().
     """
 
     def __init__(self, repository: str | os.PathLike, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, metrics_port: int = 8002, log: str | os.PathLike | None = None,
-                 exit_timeout_s: int = 10):
+                 exit_timeout_s: int = 10, threads: int = 0):
         self.repository = Path(repository).resolve()
         if not (self.repository.is_dir() and any(self.repository.glob("*/config.pbtxt"))):
             raise FileNotFoundError(f"{str(self.repository)!r} is not a Triton model repository "
@@ -118,7 +129,9 @@ class TritonServer:
         self.host, self.http_port, self.grpc_port, self.metrics_port = host, http_port, grpc_port, metrics_port
         self.log = Path(log) if log is not None else None
         self.exit_timeout_s = exit_timeout_s
+        self.threads = threads
         self.proc: subprocess.Popen | None = None
+        self.stubs: tuple[int, ...] = ()  # the model instances' stub processes, found once ready
         self._workdir: Path | None = None
 
     @property
@@ -152,6 +165,8 @@ class TritonServer:
             libs = [*map(str, install.lib_dirs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")]
             env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
             env["PATH"] = f"{python / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+            if self.threads:
+                env["OMP_NUM_THREADS"] = str(self.threads)
             out = open(self.log, "ab") if self.log is not None else None
             try:
                 # Its own process group: stop() can reach the stub processes too.
@@ -162,6 +177,7 @@ class TritonServer:
                 if out is not None:
                     out.close()
             self.wait_ready(ready_timeout_s)
+            self.stubs = tuple(stub_processes(self.proc.pid))
         except BaseException:
             self.stop()
             raise
@@ -186,12 +202,21 @@ class TritonServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def dead_stub(self) -> tuple[int, str] | None:
+        """(pid, how it ended) of a model instance's stub process that has died, else None."""
+        for pid in self.stubs:
+            ended = _ended(pid)
+            if ended is not None:
+                return pid, ended
+        return None
+
+    def stop(self, timeout_s: float = 30.0, graceful: bool = True) -> None:
         """Graceful shutdown (SIGTERM lets in-flight requests finish for exit_timeout_s), then
-        SIGKILL to the whole process group so no stub process outlives the server."""
-        proc, self.proc = self.proc, None
+        SIGKILL to the whole process group so no stub process outlives the server.
+        graceful=False: SIGKILL at once (requests that can never finish would only delay it)."""
+        proc, self.proc, self.stubs = self.proc, None, ()
         if proc is not None:
-            if proc.poll() is None:
+            if graceful and proc.poll() is None:
                 proc.terminate()
                 try:
                     proc.wait(timeout_s)
@@ -216,6 +241,50 @@ class TritonServer:
         if self.log is None or not self.log.is_file():
             return ""
         return f"; server log ({self.log}) ends with:\n{self.log.read_text(errors='replace')[-chars:]}"
+
+
+def stub_processes(server_pid: int) -> list[int]:
+    """The Python backend stub processes the server started (its children)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == server_pid and cmd.endswith(b"triton_python_backend_stub"):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _ended(pid: int) -> str | None:
+    """How a process ended, if it has: gone, or a zombie whose exit status its parent (the
+    server, which does not reap its stubs) has not collected (/proc/PID/stat field 52)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "exited"
+    if fields[0] not in ("Z", "X"):
+        return None
+    status = int(fields[49]) if len(fields) > 49 else 0
+    if os.WIFSIGNALED(status):
+        try:
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        except ValueError:
+            return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def exposed(host: str) -> bool:
+    """Whether binding `host` makes the server reachable from other machines."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: whatever it resolves to, assume it is reachable
+        return True
 
 
 def _url_host(host: str) -> str:

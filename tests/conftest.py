@@ -1,6 +1,12 @@
 """Shared fixtures: a tiny random Llama (GQA) in two flavours and the real SmolLM2."""
 from __future__ import annotations
 
+import socket
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import pytest
 import torch
 
@@ -103,3 +109,63 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             tiers.add("slow")
         for tier in tiers or {"unit"}:
             item.add_marker(tier)
+# --- the real tritonserver (tests/test_serving_server.py, tests/test_reliability.py) ---------------
+
+SERVED_MODEL = "redrafter"
+SERVED_SLOTS = 16
+SERVED_MAX_SEQ_LEN = 512
+
+
+@dataclass
+class Served:
+    server: Any  # redrafter.serving.server.TritonServer
+    offline: Any  # the same Session the model instance runs, in this process
+    repository: Path
+    engine: Path
+
+    def metric(self, name: str, **labels: str) -> float:
+        with urllib.request.urlopen(self.server.metrics_url, timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        want = [f'{k}="{v}"' for k, v in labels.items()]
+        values = [float(l.rsplit(" ", 1)[1]) for l in lines
+                  if l.startswith(name + "{") and all(w in l for w in want)]
+        assert len(values) == 1, f"expected one {name} {labels} series, found {len(values)}"
+        return values[0]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def served(tiny_hf_dir, tmp_path_factory):
+    """One tritonserver for the session (it takes a while to start) on an engine of the tiny
+    random Llama + drafter, and the offline Session of the same engine."""
+    from redrafter.builder.build import BuildOptions, build_engine
+    from redrafter.runtime.config import DecodeConfig
+    from redrafter.serving.repository import ModelSource, write_repository
+    from redrafter.serving.server import TritonServer
+
+    base, drafter = tiny_hf_dir
+    tmp = tmp_path_factory.mktemp("triton")
+    # A small tree (W=2, L=3) keeps the random drafter's wasted verification cheap on CI's 2 cores.
+    engine = build_engine(BuildOptions(output=tmp / "engine", base=base, drafter=drafter, backend="eager",
+                                       decode=DecodeConfig(beam_width=2, beam_length=3), max_batch_size=SERVED_SLOTS,
+                                       max_seq_len=SERVED_MAX_SEQ_LEN, progress=False))
+    source = ModelSource.create(engine=engine)  # decoder slots: the engine's
+    repo = write_repository(tmp / "repo", source, name=SERVED_MODEL)
+    http, grpc, metrics = free_ports(3)
+    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log=tmp / "tritonserver.log")
+    server.start(ready_timeout_s=240)
+    offline = source.open_session()
+    try:
+        yield Served(server, offline, repo, engine)
+    finally:
+        offline.close()
+        server.stop()

@@ -12,11 +12,13 @@ from redrafter.runtime.config import DecodeConfig
 from redrafter.cli import main
 from redrafter.runtime.sampling import SamplingParams
 from redrafter.runtime.scheduler import MeasuredBeamPolicy
-from redrafter.serving.protocol import INPUTS, OUTPUTS, StopMatcher, parse_request
+from redrafter.serving.protocol import (INPUTS, MAX_STOP_WORD_BYTES, MAX_STOP_WORDS, MAX_TEXT_BYTES, OUTPUTS,
+                                       StopMatcher, parse_request)
 from redrafter.serving.repository import ModelSource, model_config, write_repository
 from redrafter.serving.server import TritonServer, backend_directory, find_tritonserver, stub_environment
 
 VOCAB = 100
+MAX_SEQ_LEN = 64
 
 
 def request(**inputs):
@@ -29,7 +31,7 @@ def request(**inputs):
 
 
 def parse(**inputs):
-    return parse_request(request(**inputs), VOCAB)
+    return parse_request(request(**inputs), VOCAB, MAX_SEQ_LEN)
 
 
 def test_token_request_maps_tensorrt_llm_inputs_to_sampling_params():
@@ -96,6 +98,30 @@ def test_stop_words_list_in_tensorrt_llm_layout():
           stop_words_list=np.array([[3, 4], [3, -1]], np.int32)), "stay within"),
     (dict(input_ids=np.array([1], np.int32), request_output_len=np.int32(2),
           stop_words_list=np.array([[3, -1], [-1, 1]], np.int32)), "followed only by -1"),
+    # the limits (protocol module doc)
+    (dict(input_ids=np.ones(MAX_SEQ_LEN + 1, np.int32), request_output_len=np.int32(1)),
+     f"holds {MAX_SEQ_LEN + 1} token ids, more than the engine's max_seq_len {MAX_SEQ_LEN}"),
+    (dict(text_input=np.array(b"x" * (MAX_TEXT_BYTES + 1), dtype=object), max_tokens=np.int32(1)),
+     f"'text_input' holds {MAX_TEXT_BYTES + 1} bytes, more than the limit"),
+    (dict(text_input=np.array(b"x", dtype=object), max_tokens=np.int32(1),
+          stop_words=np.array([b"a"] * (MAX_STOP_WORDS + 1), dtype=object)), "stop_words holds 17 strings"),
+    (dict(text_input=np.array(b"x", dtype=object), max_tokens=np.int32(1),
+          stop_words=np.array([b"a" * (MAX_STOP_WORD_BYTES + 1)], dtype=object)), "'stop_words' holds 257 bytes"),
+    (dict(text_input=np.array(b"x", dtype=object), max_tokens=np.int32(1),
+          stop_words=np.array([b"\xc3\x28"], dtype=object)), "'stop_words' is not valid UTF-8"),
+    (dict(input_ids=np.array([1], np.int32), request_output_len=np.int32(2),
+          stop_words_list=np.array([list(range(17)), list(range(1, 18))], np.int32)), "holds 17 sequences"),
+    (dict(input_ids=np.array([1], np.int32), request_output_len=np.int32(2),
+          stop_words_list=np.array([[1] * 65, [65] + [-1] * 64], np.int32)), "sequence of 65 tokens"),
+    (dict(input_ids=np.array([1], np.int32), request_output_len=np.int32(2),
+          stop_words_list=np.ones((2, MAX_STOP_WORDS * 64 + 1), np.int32)), "holds 1025 ids"),
+    (dict(input_ids=np.array([1], np.int32), request_output_len=np.int32(2),
+          stop_words_list=np.array([[3, VOCAB], [2, -1]], np.int32)), "outside the vocabulary"),
+    (dict(text_input=np.array(b"x", dtype=object), max_tokens=np.int32(2), temperature=np.float32(1e-30)),
+     "use 0 for greedy"),
+    (dict(text_input=np.array(b"x", dtype=object), max_tokens=np.int32(2), temperature=np.float32("inf")),
+     "temperature=inf"),
+    (dict(text_input=np.array(b"x", dtype=object), max_tokens=np.int32(2), top_p=np.float32("nan")), "top_p=nan"),
 ])
 def test_invalid_requests_name_the_problem(inputs, message):
     with pytest.raises(ValueError, match=message):
@@ -105,7 +131,7 @@ def test_invalid_requests_name_the_problem(inputs, message):
 def test_more_than_one_sequence_per_request_is_rejected():
     get = {"input_ids": np.ones((2, 3), np.int32), "request_output_len": np.full((2, 1), 3, np.int32)}.get
     with pytest.raises(ValueError, match="one sequence per request"):
-        parse_request(get, VOCAB)
+        parse_request(get, VOCAB, MAX_SEQ_LEN)
 
 
 def test_stop_matcher_finds_sequences_across_deltas():

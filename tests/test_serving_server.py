@@ -1,6 +1,6 @@
-"""The real tritonserver on 127.0.0.1 serving an engine of the tiny random Llama + drafter: what clients
-receive equals the offline Session (greedy), under concurrency too; bad requests fail alone;
-a client that goes away frees its slot."""
+"""The real tritonserver on 127.0.0.1 serving an engine of the tiny random Llama + drafter (the
+session-wide `served` fixture of conftest.py): what clients receive equals the offline Session
+(greedy), under concurrency too; bad requests fail alone; a client that goes away frees its slot."""
 from __future__ import annotations
 
 
@@ -16,70 +16,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import np_to_triton_dtype
 
-from redrafter.runtime.config import DecodeConfig
-from redrafter.builder.build import BuildOptions, build_engine
-from redrafter.runtime.session import SamplingParams, Session
-from redrafter.serving.repository import ModelSource, write_repository
-from redrafter.serving.server import TritonServer
+from conftest import SERVED_MAX_SEQ_LEN as MAX_SEQ_LEN
+from conftest import SERVED_MODEL as MODEL
+from conftest import SERVED_SLOTS as SLOTS
+from conftest import Served, free_ports
+from redrafter.runtime.session import SamplingParams
 
-MODEL = "redrafter"
-SLOTS = 16
-MAX_SEQ_LEN = 512
 TEXTS = ["What is the capital of France?", "Write a haiku about speculative decoding.",
          "List three prime numbers."]
-
-
-@dataclass
-class Served:
-    server: TritonServer
-    offline: Session  # the same Session the model instance runs, in this process
-    repository: Path
-
-    def metric(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.server.metrics_url, timeout=10) as r:
-            lines = r.read().decode().splitlines()
-        want = [f'{k}="{v}"' for k, v in labels.items()]
-        values = [float(l.rsplit(" ", 1)[1]) for l in lines
-                  if l.startswith(name + "{") and all(w in l for w in want)]
-        assert len(values) == 1, f"expected one {name} {labels} series, found {len(values)}"
-        return values[0]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@pytest.fixture(scope="module")
-def served(tiny_hf_dir, tmp_path_factory):
-    base, drafter = tiny_hf_dir
-    tmp = tmp_path_factory.mktemp("triton")
-    # A small tree (W=2, L=3) keeps the random drafter's wasted verification cheap on CI's 2 cores.
-    engine = build_engine(BuildOptions(output=tmp / "engine", base=base, drafter=drafter, backend="eager", max_batch_size=SLOTS, max_seq_len=MAX_SEQ_LEN, progress=False, decode=DecodeConfig(beam_width=2, beam_length=3)))
-    source = ModelSource.create(engine=engine)  # decoder slots: the engine's
-    repo = write_repository(tmp / "repo", source, name=MODEL)
-    http, grpc, metrics = free_ports(3)
-    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log=tmp / "tritonserver.log")
-    server.start(ready_timeout_s=240)
-    offline = source.open_session()
-    try:
-        yield Served(server, offline, repo)
-    finally:
-        offline.close()
-        server.stop()
 
 
 class Stream:
