@@ -161,7 +161,10 @@ def served(tiny_hf_dir, tmp_path_factory):
     source = ModelSource.create(engine=engine)  # decoder slots: the engine's
     repo = write_repository(tmp / "repo", source, name=SERVED_MODEL)
     http, grpc, metrics = free_ports(3)
-    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log=tmp / "tritonserver.log")
+    # One torch thread: the tiny model gains nothing from two, and on a CPU shared with other jobs
+    # two spinning OpenMP pools stall every step.
+    server = TritonServer(repo, http_port=http, grpc_port=grpc, metrics_port=metrics, log=tmp / "tritonserver.log",
+                          threads=1)
     server.start(ready_timeout_s=240)
     offline = source.open_session()
     try:
