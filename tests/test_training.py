@@ -415,6 +415,13 @@ def test_cli_trains_and_reports_errors(tmp_path, tiny_hf_dir, data_file, capsys)
     assert load_drafter(tmp_path / "cli").cfg.head == "shared"
     assert main(args + ["--output", str(tmp_path / "cli")]) == 2
     assert "not empty: pass --resume" in capsys.readouterr().err
+    # A run killed while writing its first checkpoint left only the temporary directory: a new run
+    # starts there (and removes it), as if the directory were empty.
+    killed = tmp_path / "killed" / ".checkpoint.tmp-999999999-x"
+    killed.mkdir(parents=True)
+    (killed / "model.safetensors").write_bytes(b"half")
+    assert main(args + ["--output", str(tmp_path / "killed")]) == 0
+    assert not killed.exists() and load_drafter(tmp_path / "killed").cfg.head == "shared"
     assert main(args + ["--output", str(tmp_path / "deep"), "--draft-layers", "3", "--weight-decay", "0.01"]) == 0
     assert load_drafter(tmp_path / "deep").cfg.num_draft_layers == 3
     saved = json.loads((tmp_path / "deep" / "training_config.json").read_text())

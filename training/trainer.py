@@ -247,7 +247,9 @@ def _check_output(cfg: TrainConfig) -> Path:
     if cfg.resume:
         if not (ckpt / "trainer_state.json").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {str(out)!r} (start without --resume)")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(not p.name.startswith(f".{CHECKPOINT}.tmp-") for p in out.iterdir()):
+        # (a first checkpoint's write killed half-way leaves only its temporary directory, which
+        # the next checkpoint's atomic_dir removes: that run starts afresh)
         raise ValueError(f"--output {str(out)!r} is not empty: pass --resume to continue its training, "
                          "or choose a new directory")
     try:
