@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from redrafter.runtime.decoding import tree_tokens
 from redrafter.runtime.scheduler import default_beam_shape
 
 from .engine import (BASE_WEIGHTS, CONFIG, DRAFTER_WEIGHTS, PROGRAMS_DIR, TOKENIZER_DIR, EngineOptions,
@@ -116,7 +117,7 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
                      "onnx": ["export forward (ONNX)", "export draft (ONNX)", "export step (ONNX, plugin nodes)"],
                      "tensorrt": ["export forward (ONNX)", "export draft (ONNX)", "export step (ONNX, plugin nodes)",
                                   "build TensorRT plans"]}
-    names = ["load base model", "load drafter", "convert weights", "write weights", "write tokenizer",
+    names = ["load base model", "load drafter", "convert weights", "select tactics", "write weights", "write tokenizer",
              *compile_names[opts.backend], "checksums and config"]
     stages = Stages(names, options.progress)
     dev, dtype = torch.device(opts.device), opts.torch_dtype
@@ -133,6 +134,7 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
     else:
         stages.run("load drafter", lambda: None)
     model = stages.run("convert weights", lambda: _convert(model, opts))
+    plan = stages.run("select tactics", lambda: _select_tactics(model, opts, stages))
 
     def write_weights() -> None:
         state = model.state_dict()
@@ -162,6 +164,7 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
     def finish() -> None:
         cfg = engine_config(model.cfg, head.cfg if head else None, opts, programs, plugin_versions(opts, programs),
                             file_checksums(tmp))
+        cfg["tactics"] = plan.to_json() if plan is not None else None
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
         read_config(tmp)  # the engine must pass its own loader's checks
 
@@ -179,6 +182,19 @@ def _convert(model, opts: EngineOptions):
     if opts.exact_attention:
         model.exact_attention()
     return model.to(opts.torch_dtype)
+
+
+def _select_tactics(model, opts: EngineOptions, stages: Stages):
+    """Each linear shape's fastest row-invariant tactic on this machine (runtime.tactics), for
+    the rows the engine runs: 1 (plain steps) up to max_batch_size times its largest tree. Set
+    on the model before compiling, so that traced programs use the plan's compiled tactic."""
+    if torch.device(opts.device).type != "cpu":
+        return None
+    from redrafter.runtime.tactics import use_plan
+
+    tree = tree_tokens(opts.beam_width, opts.beam_length, opts.lookup_ngram, opts.lookup_length)
+    return use_plan(model, max_rows=opts.max_batch_size * tree, tree_sizes=[tree],
+                    progress=stages.bar.write if not stages.bar.disable else None)
 
 
 def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dict[str, str]:

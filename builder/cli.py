@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--tree", default="beams", choices=list(TREES),
                    help="what a step verifies: the W final beams (default) or every prefix the beam search kept "
                         "(search: 1 + W(L-1) tokens, more accepted per step)")
+    p.add_argument("--tactics", action="store_true",
+                   help="print the tactic plan the build measured: each linear shape's tactic per row count, "
+                        "every candidate's time and why rejected ones were (set REDRAFTER_TACTICS=gate to skip "
+                        "timing, or a tactic name to force one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -54,5 +58,12 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, plugin_ops=args.plugin_ops,
         exact_attention=args.exact_attention, lookup_ngram=args.lookup,
         lookup_length=args.lookup_length, tree=args.tree, progress=not args.no_progress))
+    if args.tactics:
+        import json
+
+        from redrafter.runtime.tactics import Plan
+
+        recorded = json.loads((out / "config.json").read_text()).get("tactics")
+        print(Plan.from_json(recorded).table() if recorded else "no tactic plan: the engine runs on a GPU")
     print(out)
     return 0

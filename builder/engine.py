@@ -333,6 +333,12 @@ def load_engine(path: str | os.PathLike, device: str | torch.device | None = Non
     drafter = None
     if cfg.get("drafter") is not None:
         drafter = load_drafter_weights(path, DrafterConfig.from_json(cfg["drafter"]), dev)
+    if dev.type == "cpu":
+        from redrafter.runtime.tactics import engine_plan
+
+        tree = tree_tokens(options.beam_width, options.beam_length, options.lookup_ngram, options.lookup_length)
+        engine_plan(cfg.get("tactics"), model, max_rows=options.max_batch_size * tree, tree_sizes=[tree],
+                    where=f"engine {str(path)!r}")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))

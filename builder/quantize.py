@@ -47,6 +47,7 @@ class Int8Linear(nn.Module):
     int8pack with bf16 activations 47 us. Both paths are plain aten ops, so torch.export and
     AOTInductor see them.
     """
+    weight_kind = "int8"  # runtime.tactics: which candidate tactics apply
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None):
@@ -106,6 +107,7 @@ class Int4Linear(nn.Module):
     Measured on this project's CPU (2 threads, bf16 activations, one token, weights streamed
     from memory as in a real step: every block projection of SmolLM2 once): int8 9.6 ms,
     int4 5.3 ms (2026-11-26)."""
+    weight_kind = "int4"  # runtime.tactics: which candidate tactics apply
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None):

@@ -187,6 +187,11 @@ class Session:
         decoder = Decoder(loaded.model, loaded.drafter, max_batch=max_batch_size, max_seq_len=max_seq_len,
                           beam_width=w, beam_length=l, lookup_ngram=lookup_ngram,
                           lookup_length=lookup_length, tree=tree)
+        if torch.device(device).type == "cpu":  # this machine's linear tactics (measured once, cached)
+            from .tactics import use_plan
+
+            use_plan(loaded.model, max_rows=max_batch_size * decoder.max_tree_tokens,
+                     tree_sizes=[decoder.max_tree_tokens])
         return cls(decoder, loaded.tokenizer, loaded.eos_ids, beam_policy=policy,
                    prefill_token_budget=prefill_token_budget)
 

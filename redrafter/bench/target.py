@@ -52,6 +52,13 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, width
     configs = ([(w, l, n, lookup_length if n else 0, t) for w in widths or [4] for l in lengths or [4]
                 for n in lookups for t in trees or ["beams"]] if loaded.drafter else [])
 
+    if loaded.model.embed.weight.device.type == "cpu":  # this machine's linear tactics (measured once, cached)
+        from redrafter.runtime.decoding import tree_tokens
+        from redrafter.runtime.tactics import use_plan
+
+        trees = [tree_tokens(w, l, n, k) for w, l, n, k, _ in configs] or [1]
+        use_plan(loaded.model, max_rows=max(batch_sizes) * max(trees), tree_sizes=trees)
+
     def new_decoder(batch: int, config: Config | None, max_seq_len: int) -> Decoder:
         w, l, n, k, tree = config or (1, 1, 0, 0, "beams")
         return Decoder(loaded.model, loaded.drafter if config else None, max_batch=batch, max_seq_len=max_seq_len,
