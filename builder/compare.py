@@ -51,12 +51,26 @@ def main(argv: list[str] | None = None) -> int:
             run(prompts[0], 16)  # warm-up
             systems.append((label, run, prompts))
     if args.llamacpp:
-        systems.append(("llama.cpp", _llamacpp(args.llamacpp, prompts, e.eos_ids, args.max_new_tokens), prompts))
+        from redrafter.bench.systems import PeerCrashed
+
+        try:
+            systems.append(("llama.cpp", _llamacpp(args.llamacpp, prompts, e.eos_ids, args.max_new_tokens), prompts))
+        except PeerCrashed as err:
+            print(f"llama.cpp skipped: {err}", file=sys.stderr)
+    from redrafter.bench.systems import PeerCrashed
+
     runs: dict[str, list] = {s[0]: [] for s in systems}
     for i in range(len(texts)):
-        for label, run, prompts in systems:
+        for system in list(systems):
+            label, run, prompts = system
             t = time.perf_counter()
-            g = run(prompts[i], args.max_new_tokens)
+            try:
+                g = run(prompts[i], args.max_new_tokens)
+            except PeerCrashed as e:  # reported; the other systems go on
+                print(f"{label} left the comparison: {e}", file=sys.stderr)
+                systems.remove(system)
+                del runs[label]
+                continue
             runs[label].append((g, time.perf_counter() - t))
     rows, ok = [], True
     for label, _, _ in systems:

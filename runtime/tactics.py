@@ -451,14 +451,32 @@ def tune_shape(layers: list[nn.Module], buckets: list[int], *, candidates: Itera
                      {n: v.reason for n, v in verdicts.items() if not v.admitted}, len(layers))
 
 
+EPYC_RULE = "epyc-rule"
+
+
 def fixed_plan(groups: dict[str, list[nn.Module]], name: str, buckets: list[int]) -> dict[str, ShapePlan]:
-    """`name` for every shape it applies to (x@W.T elsewhere), ungated: for experiments."""
-    if name not in BY_NAME:
-        raise ValueError(f"{MODE_ENV}={name!r} is not a tactic: use measure, gate, or one of {', '.join(BY_NAME)}")
+    """`name` for every shape it applies to (x@W.T elsewhere), ungated: for experiments.
+    EPYC_RULE reproduces the rule hard-coded until 2026-12 (measured on an AMD EPYC), to compare
+    against: float32 W@x.T on 2, 4, 8, 16, 32, 48, 64 rows (odd counts padded to even in compiled
+    programs), bfloat16 x@W.T with 2-3 (mod 4) rows padded to 4, quantized layers as they are."""
+    if name != EPYC_RULE and name not in BY_NAME:
+        raise ValueError(f"{MODE_ENV}={name!r} is not a tactic: use measure, gate, {EPYC_RULE}, or one of "
+                         f"{', '.join(BY_NAME)}")
+    flags = machine_signature()["flags"]
     out = {}
     for key, layers in groups.items():
-        t = name if BY_NAME[name].applies(layers[0], machine_signature()["flags"]) else "x@W.T"
-        out[key] = ShapePlan(buckets, [t] * len(buckets), t if BY_NAME[t].export_safe else "x@W.T", layers=len(layers))
+        eager = compiled = name
+        if name == EPYC_RULE:
+            eager, compiled = "x@W.T", "x@W.T"
+            if weight_kind(layers[0]) == "float" and act_dtype(layers[0]) == torch.float32:
+                eager, compiled = "W@x.T pow2", "W@x.T even"
+            elif weight_kind(layers[0]) == "float" and act_dtype(layers[0]) == torch.bfloat16:
+                eager = "x@W.T pad4"
+        if not BY_NAME[eager].applies(layers[0], flags):
+            eager = "x@W.T"
+        if not (BY_NAME[compiled].export_safe and BY_NAME[compiled].applies(layers[0], flags)):
+            compiled = "x@W.T"
+        out[key] = ShapePlan(buckets, [eager] * len(buckets), compiled, layers=len(layers))
     return out
 
 
@@ -553,13 +571,12 @@ def engine_plan(recorded: dict[str, Any] | None, *modules: nn.Module | None, max
     sig = machine_signature()
     if recorded is not None:
         plan = Plan.from_json(recorded)
-        if plan.signature == sig and plan.mode == mode():
+        if plan.signature == sig:
             apply_plan(plan, *modules)
             return plan
-        if plan.signature != sig:
-            diff = sorted(k for k in set(sig) | set(plan.signature) if sig.get(k) != plan.signature.get(k))
-            warnings.warn(f"{where} was tuned on another machine ({', '.join(f'{k}: {plan.signature.get(k)!r}' for k in diff)}"
-                          f"; here: {', '.join(f'{k}: {sig.get(k)!r}' for k in diff)}): re-tuning its eager linears "
-                          "for this machine. Compiled programs keep the tactics traced at build time: rebuild the "
-                          "engine here (`redrafter build`) for a plan measured on this machine.", stacklevel=2)
+        diff = sorted(k for k in set(sig) | set(plan.signature) if sig.get(k) != plan.signature.get(k))
+        warnings.warn(f"{where} was tuned on another machine ({', '.join(f'{k}: {plan.signature.get(k)!r}' for k in diff)}"
+                      f"; here: {', '.join(f'{k}: {sig.get(k)!r}' for k in diff)}): re-tuning its eager linears "
+                      "for this machine. Compiled programs keep the tactics traced at build time: rebuild the "
+                      "engine here (`redrafter build`) for a plan measured on this machine.", stacklevel=2)
     return use_plan(*modules, max_rows=max_rows, tree_sizes=tree_sizes)

@@ -561,6 +561,32 @@ def _edit_config(path: Path, edit) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
 
 
+def test_an_engine_records_its_machines_tactic_plan_and_retunes_on_another_machine(copy_of_eager):
+    from redrafter.runtime import tactics
+
+    recorded = json.loads((copy_of_eager / "config.json").read_text())["tactics"]
+    assert recorded["signature"] == tactics.machine_signature()
+    e = load_engine(copy_of_eager)
+    groups = tactics.linear_groups(e.model)
+    assert set(recorded["shapes"]) == set(groups) and e.tactics.to_json() == recorded
+    assert all(layer.tactics is not None for layers in groups.values() for layer in layers)
+    # rows up to max_batch_size (2) x the largest tree (W3 x L4)
+    assert all(s["buckets"][0] == 1 and s["buckets"][-1] == 24 for s in recorded["shapes"].values())
+
+    def foreign(c):
+        c["tactics"]["signature"].update(cpu="Another CPU", flags=["amx_tile"])
+        for s in c["tactics"]["shapes"].values():
+            s["tactics"] = ["rows alone"] * len(s["buckets"])
+
+    _edit_config(copy_of_eager, foreign)
+    with pytest.warns(UserWarning, match="tuned on another machine.*Another CPU.*re-tuning"):
+        e = load_engine(copy_of_eager)
+    assert e.tactics.signature == tactics.machine_signature()
+    assert e.tactics.to_json()["shapes"] == recorded["shapes"]  # this machine's plan, not the recorded one
+    assert all(layer.tactics == e.tactics.shapes[k].bind() for k, layers in tactics.linear_groups(e.model).items()
+               for layer in layers)
+
+
 def test_schema_version_from_the_future_is_rejected(copy_of_eager):
     _edit_config(copy_of_eager, lambda c: c.update(schema_version=SCHEMA_VERSION + 1))
     with pytest.raises(ValueError, match=f"schema_version {SCHEMA_VERSION + 1} is newer"):
