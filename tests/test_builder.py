@@ -372,6 +372,16 @@ def test_an_exact_attention_engine_attends_in_float64_and_is_lossless_in_bfloat1
         BuildOptions(output="x", exact_attention=True, plugin_ops=True).engine_options().validate()
 
 
+@pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"),
+                                           ("bfloat16", "int4")], ids=["fp32", "bf16", "int8", "int4"])
+def test_with_gated_tactics_and_exact_attention_every_precision_is_lossless(build, dtype, quantize):
+    """Every linear tactic the plan holds gives a row the bits it gets alone (the gate checked
+    it on this machine), and float64 attention does too: ReDrafter's greedy output then equals
+    the same engine's plain decoding in every precision, on any CPU."""
+    path = build("eager", quantize, dtype=dtype, exact_attention=True)
+    assert greedy(path) == greedy(path, speculative=False)
+
+
 def test_int8_quantization_is_per_channel_symmetric():
     torch.manual_seed(0)
     w = torch.randn(32, 48) * torch.linspace(0.01, 3, 32)[:, None]  # rows of very different ranges
