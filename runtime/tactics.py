@@ -135,7 +135,9 @@ def _xwt(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 def _wxt(layer: nn.Module, x: Tensor) -> Tensor:
-    return _bias(layer, torch.mm(layer.weight, x.t()).t())
+    """W @ x.T, transposed back into rows (made contiguous: a strided result sliced to fewer rows
+    and reshaped made torch.export guard on the row count's parity)."""
+    return _bias(layer, torch.mm(layer.weight, x.t()).t().contiguous())
 
 
 def _padded(fn: Fn, rows: Callable[[int], int]) -> Fn:

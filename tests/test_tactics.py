@@ -151,15 +151,16 @@ def test_export_safe_tactics_export_with_a_symbolic_row_count(name):
             self.lin = nn.Linear(16, 8)
             self.lin.tactics = T.ShapePlan([64], [name], name).bind()
 
-        def forward(self, x):
-            return rows_linear(self.lin, x)
+        def forward(self, x):  # split into heads, as attention does
+            return rows_linear(self.lin, x).view(x.shape[0], x.shape[1], 2, 4)
 
     m = M()
-    program = torch.export.export(m, (torch.randn(6, 16),), dynamic_shapes=({0: Dim("rows", min=1, max=64)},),
+    # [B, T, H] with a symbolic T, as the engine's forward program takes it
+    program = torch.export.export(m, (torch.randn(2, 6, 16),), dynamic_shapes=({0: Dim("b", min=1, max=8), 1: Dim("rows", min=1, max=64)},),
                                   strict=False)
     for rows in (1, 2, 3, 6, 9):
-        x = torch.randn(rows, 16)
-        torch.testing.assert_close(program.module()(x), T.BY_NAME[name](m.lin, x))
+        x = torch.randn(2, rows, 16)
+        torch.testing.assert_close(program.module()(x), T.BY_NAME[name](m.lin, x.reshape(-1, 16)).view(2, rows, 2, 4))
 
 
 def test_the_plan_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
