@@ -449,8 +449,11 @@ def tune_shape(layers: list[nn.Module], buckets: list[int], *, candidates: Itera
         ms = {str(b): {n: s * 1e3 for n, s in measure(ok, layers, b, timer, reps).items()} for b in buckets}
     tactics, compiled, family = choose(verdicts, ms, buckets, [c.name for c in cands],
                                        {c.name for c in cands if c.export_safe})
-    return ShapePlan(buckets, tactics, compiled, family, ms or {},
-                     {n: v.reason for n, v in verdicts.items() if not v.admitted}, len(layers))
+    rejected = {n: v.reason for n, v in verdicts.items() if not v.admitted}
+    if compiled not in verdicts or not verdicts[compiled].admitted:
+        rejected["(compiled)"] = (f"no export-safe candidate passed the gate: compiled programs run {compiled}, "
+                                  "which is not row-invariant here (use --backend eager for a lossless engine)")
+    return ShapePlan(buckets, tactics, compiled, family, ms or {}, rejected, len(layers))
 
 
 EPYC_RULE = "epyc-rule"
