@@ -246,7 +246,8 @@ def gate(tactic: Tactic | Fn, layer: nn.Module, rows: Iterable[int], x: Tensor |
             alone = torch.cat([tactic(layer, x[j:j + 1]) for j in range(rows[-1])])
             want, bound = reference(layer, x[:rows[-1]])
             if alone.shape != want.shape or alone.dtype != x.dtype:
-                return Verdict(False, f"gives {tuple(alone.shape)} {alone.dtype}, expected {tuple(want.shape)} {x.dtype}")
+                return Verdict(False, f"gives {tuple(alone.shape)} {alone.dtype}, "
+                                      f"expected {tuple(want.shape)} {x.dtype}")
             if not ((alone.double() - want).abs() <= bound).all():
                 return Verdict(False, "not close to the float64 product")
             for m in rows:
@@ -575,13 +576,15 @@ def engine_plan(recorded: dict[str, Any] | None, *modules: nn.Module | None, max
     machine with this signature, else (with a warning when one was recorded) this machine's own."""
     sig = machine_signature()
     if recorded is not None:
-        plan = Plan.from_json(recorded)
-        if plan.signature == sig:
+        theirs = recorded.get("signature") or {}
+        if theirs == sig:
+            plan = Plan.from_json(recorded)
             apply_plan(plan, *modules)
             return plan
-        diff = sorted(k for k in set(sig) | set(plan.signature) if sig.get(k) != plan.signature.get(k))
-        warnings.warn(f"{where} was tuned on another machine ({', '.join(f'{k}: {plan.signature.get(k)!r}' for k in diff)}"
-                      f"; here: {', '.join(f'{k}: {sig.get(k)!r}' for k in diff)}): re-tuning its eager linears "
+        diff = sorted(k for k in set(sig) | set(theirs) if sig.get(k) != theirs.get(k))
+        there = ", ".join(f"{k}: {theirs.get(k)!r}" for k in diff)
+        here = ", ".join(f"{k}: {sig.get(k)!r}" for k in diff)
+        warnings.warn(f"{where} was tuned on another machine ({there}; here: {here}): re-tuning its eager linears "
                       "for this machine. Compiled programs keep the tactics traced at build time: rebuild the "
                       "engine here (`redrafter build`) for a plan measured on this machine.", stacklevel=2)
     return use_plan(*modules, max_rows=max_rows, tree_sizes=tree_sizes)

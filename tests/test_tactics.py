@@ -157,8 +157,8 @@ def test_export_safe_tactics_export_with_a_symbolic_row_count(name):
 
     m = M()
     # [B, T, H] with a symbolic T, as the engine's forward program takes it
-    program = torch.export.export(m, (torch.randn(2, 6, 16),), dynamic_shapes=({0: Dim("b", min=1, max=8), 1: Dim("rows", min=1, max=64)},),
-                                  strict=False)
+    dims = {0: Dim("b", min=1, max=8), 1: Dim("rows", min=1, max=64)}
+    program = torch.export.export(m, (torch.randn(2, 6, 16),), dynamic_shapes=(dims,), strict=False)
     for rows in (1, 2, 3, 6, 9):
         x = torch.randn(2, rows, 16)
         torch.testing.assert_close(program.module()(x), T.BY_NAME[name](m.lin, x.reshape(-1, 16)).view(2, rows, 2, 4))
