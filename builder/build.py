@@ -114,7 +114,7 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
                      "onnx": ["export forward (ONNX)", "export draft (ONNX)", "export step (ONNX, plugin nodes)"],
                      "tensorrt": ["export forward (ONNX)", "export draft (ONNX)", "export step (ONNX, plugin nodes)",
                                   "build TensorRT plans"]}
-    names = ["load base model", "load drafter", "convert weights", "write weights", "write tokenizer",
+    names = ["load base model", "load drafter", "convert weights", "select tactics", "write weights", "write tokenizer",
              *compile_names[opts.backend], "checksums and config"]
     stages = Stages(names, options.progress)
     dev, dtype = torch.device(opts.device), opts.torch_dtype
@@ -131,6 +131,7 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
     else:
         stages.run("load drafter", lambda: None)
     model = stages.run("convert weights", lambda: _convert(model, opts))
+    plan = stages.run("select tactics", lambda: _select_tactics(model, opts, stages))
 
     def write_weights() -> None:
         state = model.state_dict()
@@ -160,6 +161,7 @@ def _build_into(tmp: Path, options: BuildOptions, opts: EngineOptions) -> list[s
     def finish() -> None:
         cfg = engine_config(model.cfg, head.cfg if head else None, opts, programs, plugin_versions(opts, programs),
                             file_checksums(tmp))
+        cfg["tactics"] = plan.to_json() if plan is not None else None
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2))
         read_config(tmp)  # the engine must pass its own loader's checks
 
@@ -177,6 +179,19 @@ def _convert(model, opts: EngineOptions):
     if opts.exact_attention:
         model.exact_attention()
     return model.to(opts.torch_dtype)
+
+
+def _select_tactics(model, opts: EngineOptions, stages: Stages):
+    """Each linear shape's fastest row-invariant tactic on this machine (runtime.tactics), for
+    the rows the engine runs: 1 (plain steps) up to max_batch_size times its largest tree. Set
+    on the model before compiling, so that traced programs use the plan's compiled tactic."""
+    if torch.device(opts.device).type != "cpu":
+        return None
+    from redrafter.runtime.tactics import use_plan
+
+    tree = opts.decode.tree_tokens
+    return use_plan(model, max_rows=opts.max_batch_size * tree, tree_sizes=[tree],
+                    progress=stages.bar.write if not stages.bar.disable else None)
 
 
 def _compile(tmp: Path, model, head, opts: EngineOptions, stages: Stages) -> dict[str, str]:

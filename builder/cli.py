@@ -30,6 +30,10 @@ def register(subparsers) -> None:
                    help="attend in float64, so that a bfloat16 int8/int4 engine's ReDrafter output equals its own "
                         "plain decoding token for token (costs about 20%% of plain speed on the CPU)")
     config.add_arguments(p, plain=False)  # the engine's programs' setting and limits
+    p.add_argument("--tactics", action="store_true",
+                   help="print the tactic plan the build measured: each linear shape's tactic per row count, "
+                        "every candidate's time and why rejected ones were (set REDRAFTER_TACTICS=gate to skip "
+                        "timing, or a tactic name to force one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -44,5 +48,12 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, backend=args.backend, decode=from_args(args, DecodeConfig.for_device(args.device)),
         max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, plugin_ops=args.plugin_ops,
         exact_attention=args.exact_attention, progress=not args.no_progress))
+    if args.tactics:
+        import json
+
+        from redrafter.runtime.tactics import Plan
+
+        recorded = json.loads((out / "config.json").read_text()).get("tactics")
+        print(Plan.from_json(recorded).table() if recorded else "no tactic plan: the engine runs on a GPU")
     print(out)
     return 0

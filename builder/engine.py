@@ -212,6 +212,7 @@ class Engine:
         self._programs: Programs | None = None
         # The setting the programs were built for and the cache holds: the limits of any decoder's.
         self.built = self.options.decode if drafter is not None else DecodeConfig.plain()
+        self.tactics = None  # runtime.tactics.Plan its eager linears run (CPU engines; set by load_engine)
 
     @property
     def eos_ids(self) -> list[int]:
@@ -325,10 +326,19 @@ def load_engine(path: str | os.PathLike, device: str | torch.device | None = Non
     drafter = None
     if cfg.get("drafter") is not None:
         drafter = load_drafter_weights(path, DrafterConfig.from_json(cfg["drafter"]), dev)
+    plan = None
+    if dev.type == "cpu":  # the build's tactic plan where this is the machine it measured, else this one's
+        from redrafter.runtime.tactics import engine_plan
+
+        tree = options.decode.tree_tokens if drafter is not None else 1
+        plan = engine_plan(cfg.get("tactics"), model, max_rows=options.max_batch_size * tree, tree_sizes=[tree],
+                           where=f"engine {str(path)!r}")
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
-    return Engine(path, cfg, model, drafter, tokenizer)
+    engine = Engine(path, cfg, model, drafter, tokenizer)
+    engine.tactics = plan
+    return engine
 
 
 def engine_config(base: LlamaConfig, drafter: DrafterConfig | None, options: EngineOptions,

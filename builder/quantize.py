@@ -45,6 +45,7 @@ class Int8Linear(nn.Module):
     dequantizing: BENCHMARKS.md); everything else dequantizes the weight on the fly. Both paths
     are plain aten ops, so torch.export and AOTInductor see them.
     """
+    weight_kind = "int8"  # runtime.tactics: which candidate tactics apply
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None):
@@ -100,6 +101,7 @@ class Int4Linear(nn.Module):
     aten._weight_int4pack_mm_for_cpu, with the group size as a tensor of its own: AOTInductor
     turns the aten op's integer into a constant that engines (whose programs get every constant
     from the engine's files) would not hold. It reads half of int8's bytes (BENCHMARKS.md)."""
+    weight_kind = "int4"  # runtime.tactics: which candidate tactics apply
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None):

@@ -204,60 +204,28 @@ def attend(q: Tensor, keys: Tensor, vals: Tensor, mask: Tensor, work: torch.dtyp
     return out.transpose(1, 2).to(q.dtype)
 
 
-WEIGHTS_LEFT_MAX_ROWS = 64  # float32 CPU linears on more rows run as layer(x): see rows_linear
-
-
-def gemm_rows(m: int, dtype: torch.dtype) -> int:
-    """The row count rows_linear pads m rows to (see there for the measurements)."""
-    if dtype == torch.float32:
-        if m > WEIGHTS_LEFT_MAX_ROWS:
-            return m
-        return max(2, 1 << (m - 1).bit_length()) if m <= 16 else -(-m // 16) * 16
-    return m + 4 - m % 4 if m >= 2 and m % 4 >= 2 else m
-
-
 def rows_linear(layer: nn.Module, x: Tensor) -> Tensor:
-    """layer(x) for a linear layer, computed in the form and row count that the CPU does fastest.
+    """layer(x) for a linear layer (float or quantized), computed with the tactic its machine's
+    plan gives for x's row count (runtime.tactics: `layer.tactics`, set by tactics.apply_plan).
 
-    Measured on the project's CPU (torch 2.13, AMD EPYC, 2 threads), over SmolLM2's 30 layers of
-    float32 weights (425 MB, streamed from memory as in a decode step): `layer(x)` (x @ W.T)
-    takes 35 ms for 1 row, 50 for 2, 46 for 4; its 1-row matrix-vector product reads the weights
-    at only 12 GB/s. The same product as W @ x.T takes 16 ms for 2 rows (27 GB/s), 20 for 4, 37
-    for 8, 45 for 16 and 61 for 32, and more for the counts in between (3: 22, 5-7: 27-56,
-    13-15: 75-90). So float32 rows are padded to 2, 4, 8 or 16, or to a multiple of 16 up to 64,
-    and multiplied as W @ x.T: plain decoding then reads the weights with 2 rows, and verifying a
-    few tokens costs little more than decoding one. The LM head likewise: 3.6 ms for 2 rows
-    against 10 ms for 1. The padding rows are zeros, dropped after the product. Other dtypes keep
-    `layer(x)`, padding 2-3 rows to 4 (faster there). Compiled float32 programs (torch.export keeps the row
-    count symbolic) get the same W @ x.T with odd counts padded to even, which needs no guard on
-    the count; compiled bf16 keeps `layer(x)`. CPU nn.Linear only: builder.quantize's int8/int4
-    matmuls have kernels of their own.
-
-    Beyond WEIGHTS_LEFT_MAX_ROWS rows (long prefills, large batches) eager float32 runs
-    `layer(x)`: the product is then bound by arithmetic, not by streaming the weights, and
-    W @ x.T pays for transposing its output. Measured (2 threads, 2026-11-27, medians of 6
-    alternating runs): SmolLM2's prefill of 96 / 128 / 192 / 256 / 512 tokens takes 170 / 215 /
-    310 / 403 / 850 ms as W @ x.T and 162 / 206 / 290 / 378 / 781 ms as layer(x); the LM head
-    over 256 / 512 rows 136 / 268 ms against 114 / 202, and 35-36 ms either way at 64.
+    The fastest form of a product of a few rows depends on the CPU's BLAS (x @ W.T, W @ x.T,
+    padded rows, fixed blocks, oneDNN), so it is measured on the machine that runs it, never
+    hard-coded. Every tactic a plan holds passed a gate on that machine: each row of an m-row
+    product has the bits it gets alone, so verifying T tokens at once computes what decoding
+    them one by one does. Traced programs (torch.export keeps the row count symbolic) use the
+    plan's one `compiled` tactic for every count. A layer without a plan, or off the CPU, or
+    given more rows than the plan's largest bucket (long prefills), runs layer(x).
     """
-    if x.device.type != "cpu" or not isinstance(layer, nn.Linear):
+    plan = getattr(layer, "tactics", None)
+    if plan is None or x.device.type != "cpu":
         return layer(x)
-    m = x.numel() // x.shape[-1]
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-        if layer.weight.dtype != torch.float32:
-            return layer(x)
-        pad = m % 2  # symbolic row count: pad to even, without guards on its value
+        tactic = plan.compiled
     else:
-        pad = gemm_rows(m, layer.weight.dtype) - m
-        if pad == 0 and (layer.weight.dtype != torch.float32 or m > WEIGHTS_LEFT_MAX_ROWS):
+        tactic = plan.for_rows(x.numel() // x.shape[-1])
+        if tactic is None:
             return layer(x)
-    flat = F.pad(x.reshape(m, x.shape[-1]), (0, 0, 0, pad))
-    if layer.weight.dtype == torch.float32:
-        out = torch.mm(layer.weight, flat.t()).t()[:m].contiguous()
-        if layer.bias is not None:
-            out += layer.bias
-    else:
-        out = layer(flat)[:m]
+    out = tactic(layer, x.reshape(-1, x.shape[-1]))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

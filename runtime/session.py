@@ -181,6 +181,11 @@ class Session:
         policy = policy_for(beam_policy, decode)
         decoder = Decoder(loaded.model, loaded.drafter, decode.with_shape(*policy.largest_shape),
                           max_batch=max_batch_size, max_seq_len=max_seq_len)
+        if torch.device(device).type == "cpu":  # this machine's linear tactics (measured once, cached)
+            from .tactics import use_plan
+
+            use_plan(loaded.model, max_rows=max_batch_size * decoder.max_tree_tokens,
+                     tree_sizes=[decoder.max_tree_tokens])
         return cls(decoder, loaded.tokenizer, loaded.eos_ids, beam_policy=policy,
                    prefill_token_budget=prefill_token_budget)
 

@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny random Llama (GQA) in two flavours and the real SmolLM2."""
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,11 @@ import torch
 
 from redrafter.runtime.drafter import DraftHead, DrafterConfig
 from redrafter.runtime.model import Llama, LlamaConfig
+
+# Tests never time tactics: the gate picks, in CANDIDATES' order (runtime.tactics), and its plans
+# are cached for this run only.
+os.environ.setdefault("REDRAFTER_TACTICS", "gate")
+os.environ.setdefault("REDRAFTER_CACHE", tempfile.mkdtemp(prefix="redrafter-test-cache-"))
 
 
 def tiny_config(tied: bool = False, vocab: int = 97, **kw) -> LlamaConfig:

@@ -309,3 +309,42 @@ def test_bench_measures_the_final_beams_and_the_search_tree_side_by_side(tiny_hf
     assert set(by_label) == {"plain", "redrafter W3 L4", "redrafter W3 L4 search-tree"}
     assert by_label["redrafter W3 L4"]["tree"] == "beams" and by_label["redrafter W3 L4 search-tree"]["tree"] == "search"
     assert report["identical"] is True
+
+
+# ---- a peer that crashes (llama.cpp built for AMX segfaulted so) ----
+
+def _segfault_on_first_prompt(conn, *args) -> None:
+    """A llama.cpp worker (systems._llamacpp_worker's protocol) that loads, then dies of SIGSEGV."""
+    import os
+    import signal
+
+    conn.send("ready")
+    conn.recv()
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _segfault_on_load(conn, *args) -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_crashing_llamacpp_peer_is_reported_and_the_benchmark_goes_on(tiny_hf_dir, prompt_file, tmp_path,
+                                                                         monkeypatch):
+    import redrafter.bench as bench
+    from redrafter.bench.systems import LlamaCppSystem, PeerCrashed
+
+    with pytest.raises(PeerCrashed, match="loading the model \\(SIGSEGV\\).*GGML_AMX_TILE=OFF"):
+        LlamaCppSystem(tmp_path / "x.gguf", 64, 1, [2], 0.0, worker=_segfault_on_load)
+    monkeypatch.setattr(bench, "_llamacpp", lambda base, n_ctx, threads, eos, temperature: (
+        LlamaCppSystem(tmp_path / "x.gguf", n_ctx, threads, eos, temperature, worker=_segfault_on_first_prompt),
+        None))
+    rc = main(_bench(tiny_hf_dir, prompt_file, tmp_path, "--max-new-tokens", "4", "--batch-sizes", "1",
+                     "--beam-width", "1", "--beam-length", "2", "--peers", "llamacpp"))
+    assert rc == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    crash = [n for n in report["notes"] if "llamacpp left the benchmark" in n]
+    assert len(crash) == 1 and "SIGSEGV" in crash[0] and "pip install" in crash[0]
+    assert {r["label"] for r in report["results"]} == {"plain", "redrafter W1 L2"}
+    assert all(r["prompts"] == 3 for r in report["results"])

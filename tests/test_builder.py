@@ -365,6 +365,16 @@ def test_an_exact_attention_engine_attends_in_float64_and_is_lossless_in_bfloat1
         BuildOptions(output="x", exact_attention=True, plugin_ops=True).engine_options().validate()
 
 
+@pytest.mark.parametrize("dtype,quantize", [("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"),
+                                           ("bfloat16", "int4")], ids=["fp32", "bf16", "int8", "int4"])
+def test_with_gated_tactics_and_exact_attention_every_precision_is_lossless(build, dtype, quantize):
+    """Every linear tactic the plan holds gives a row the bits it gets alone (the gate checked
+    it on this machine), and float64 attention does too: ReDrafter's greedy output then equals
+    the same engine's plain decoding in every precision, on any CPU."""
+    path = build("eager", quantize, dtype=dtype, exact_attention=True)
+    assert greedy(path) == greedy(path, speculative=False)
+
+
 def test_int8_quantization_is_per_channel_symmetric():
     torch.manual_seed(0)
     w = torch.randn(32, 48) * torch.linspace(0.01, 3, 32)[:, None]  # rows of very different ranges
@@ -552,6 +562,32 @@ def _edit_config(path: Path, edit) -> None:
     cfg = json.loads((path / "config.json").read_text())
     edit(cfg)
     (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_an_engine_records_its_machines_tactic_plan_and_retunes_on_another_machine(copy_of_eager):
+    from redrafter.runtime import tactics
+
+    recorded = json.loads((copy_of_eager / "config.json").read_text())["tactics"]
+    assert recorded["signature"] == tactics.machine_signature()
+    e = load_engine(copy_of_eager)
+    groups = tactics.linear_groups(e.model)
+    assert set(recorded["shapes"]) == set(groups) and e.tactics.to_json() == recorded
+    assert all(layer.tactics is not None for layers in groups.values() for layer in layers)
+    # rows up to max_batch_size (2) x the largest tree (W3 x L4)
+    assert all(s["buckets"][0] == 1 and s["buckets"][-1] == 24 for s in recorded["shapes"].values())
+
+    def foreign(c):
+        c["tactics"]["signature"].update(cpu="Another CPU", flags=["amx_tile"])
+        for s in c["tactics"]["shapes"].values():
+            s["tactics"] = ["rows alone"] * len(s["buckets"])
+
+    _edit_config(copy_of_eager, foreign)
+    with pytest.warns(UserWarning, match="tuned on another machine.*Another CPU.*re-tuning"):
+        e = load_engine(copy_of_eager)
+    assert e.tactics.signature == tactics.machine_signature()
+    assert e.tactics.to_json()["shapes"] == recorded["shapes"]  # this machine's plan, not the recorded one
+    assert all(layer.tactics == e.tactics.shapes[k].bind() for k, layers in tactics.linear_groups(e.model).items()
+               for layer in layers)
 
 
 def test_schema_version_from_the_future_is_rejected(copy_of_eager):

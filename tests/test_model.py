@@ -90,62 +90,6 @@ def test_smollm2_plain_greedy_equals_transformers(smollm2, mtbench_prompts):
         assert got.token_ids == ref[0, len(prompt):].tolist()
 
 
-def test_rows_linear_pads_rows_to_the_counts_the_cpu_multiplies_fastest():
-    """float32: 2, 4, 8 or 16 rows, then multiples of 16 up to 64 (as W @ x.T), then as many as
-    there are (as layer(x)); other dtypes: 2-3 rows (mod 4) padded to 4 (as layer(x)). Padding
-    never changes a row's result."""
-    from redrafter.runtime.model import gemm_rows
-
-    assert [gemm_rows(m, torch.float32) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17, 33, 64, 65, 300)] == [
-        2, 2, 4, 4, 8, 8, 16, 16, 32, 48, 64, 65, 300]
-    assert [gemm_rows(m, torch.bfloat16) for m in range(1, 10)] == [1, 4, 4, 4, 5, 8, 8, 8, 9]
-
-
-def test_float32_products_on_more_than_64_rows_are_the_layers_own():
-    """Long prefills and large batches multiply as x @ W.T (layer(x)), bit for bit."""
-    from redrafter.runtime.model import rows_linear
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(576, 1536)
-    x = torch.randn(1, 65, 576)
-    assert torch.equal(rows_linear(layer, x), layer(x))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rows_linear_returns_the_layers_rows(dtype):
-    from redrafter.runtime.model import rows_linear
-
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(16, 8).to(dtype)
-    for m in (1, 2, 3, 5, 17, 65):
-        x = torch.randn(1, m, 16, dtype=dtype)
-        out = rows_linear(layer, x)
-        assert out.shape == (1, m, 8) and out.dtype == dtype
-        torch.testing.assert_close(out, layer(x))
-
-
-def test_rows_linear_exports_with_a_dynamic_row_count():
-    """Padding is eager-only: torch.export must not see (and guard on) the row count."""
-    from torch.export import Dim
-
-    from redrafter.runtime.model import rows_linear
-
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(16, 8)
-
-        def forward(self, x):
-            return rows_linear(self.lin, x)
-
-    m = M()
-    program = torch.export.export(m, (torch.randn(6, 16),), dynamic_shapes=({0: Dim("rows", min=1, max=64)},),
-                                  strict=False)
-    for rows in (1, 2, 3, 6):  # odd counts are padded to even inside the program
-        x = torch.randn(rows, 16)
-        assert torch.allclose(program.module()(x), m.lin(x), atol=1e-6)
-
-
 def test_rope_frequencies_stay_float32_in_a_converted_model():
     """bfloat16 RoPE frequencies would shift every position's angle (and a compiled program
     must see the same constant in a converted and in a loaded model)."""

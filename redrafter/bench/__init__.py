@@ -139,7 +139,7 @@ def measure(targets, prompts: list[list[int]], max_new: int, batch_sizes: list[i
     """Run every system on every prompt group, taking turns; then `summarize`."""
     from tqdm import tqdm
 
-    from .systems import HFSystem, OursSystem, SessionSystem
+    from .systems import HFSystem, OursSystem, PeerCrashed, SessionSystem
 
     def our_systems(t, b: int) -> list:
         made = []
@@ -185,13 +185,28 @@ def measure(targets, prompts: list[list[int]], max_new: int, batch_sizes: list[i
             if llama is not None and b == 1:
                 systems.append(llama)
             groups = [list(range(i, min(i + b, len(prompts)))) for i in range(0, len(prompts), b)]
-            for s in systems:  # warm-up (untimed): first-call allocations and kernel selection
-                s([prompts[i] for i in groups[0]], min(4, max_new), [seed + i for i in groups[0]])
+            def crashed(s, e: PeerCrashed) -> None:
+                """A peer whose process died leaves the benchmark, which goes on without it."""
+                notes.append(f"{s.label} left the benchmark: {e}")
+                systems.remove(s)
+                runs.pop((s.label, b), None)
+                systems_by_key.pop((s.label, b), None)
+
+            for s in list(systems):  # warm-up (untimed): first-call allocations and kernel selection
+                try:
+                    s([prompts[i] for i in groups[0]], min(4, max_new), [seed + i for i in groups[0]])
+                except PeerCrashed as e:
+                    crashed(s, e)
             for g, idx in enumerate(groups):
                 k = g % len(systems)  # rotate who goes first each group
                 for s in systems[k:] + systems[:k]:
                     bar.set_postfix_str(f"{s.label} B={b}", refresh=False)
-                    runs[(s.label, b)].append((idx, s([prompts[i] for i in idx], max_new, [seed + i for i in idx])))
+                    try:
+                        run = s([prompts[i] for i in idx], max_new, [seed + i for i in idx])
+                    except PeerCrashed as e:
+                        crashed(s, e)
+                        continue
+                    runs[(s.label, b)].append((idx, run))
                     systems_by_key[(s.label, b)] = s
                     bar.update()
             for s in systems:
@@ -245,14 +260,17 @@ def _llamacpp(base: str | None, n_ctx: int, threads: int, eos: list[int], temper
 
     from redrafter.runtime.loading import default_gguf
 
-    from .systems import LlamaCppSystem
+    from .systems import LLAMACPP_BUILD, LlamaCppSystem, PeerCrashed
 
     if importlib.util.find_spec("llama_cpp") is None:
-        return None, "llama.cpp peer skipped: llama-cpp-python is not installed (`pip install llama-cpp-python`)"
+        return None, f"llama.cpp peer skipped: llama-cpp-python is not installed ({LLAMACPP_BUILD})"
     if base is None or base == "default":
         gguf = default_gguf()
     elif str(base).endswith(".gguf"):
         gguf = Path(base)
     else:
         return None, f"llama.cpp peer skipped: base {base!r} is an HF directory, not a GGUF file"
-    return LlamaCppSystem(gguf, n_ctx + 8, threads, eos, temperature), None
+    try:
+        return LlamaCppSystem(gguf, n_ctx + 8, threads, eos, temperature), None
+    except PeerCrashed as e:
+        return None, f"llama.cpp peer skipped: {e}"

@@ -8,11 +8,13 @@ stream: sampled ReDrafter output must then equal sampled plain output for the sa
 """
 from __future__ import annotations
 
+import signal
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -161,35 +163,101 @@ class HFSystem(System):
                    [clock.first - t0] * len(prompts))
 
 
+LLAMACPP_BUILD = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON '
+                  '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --force-reinstall '
+                  '--no-cache-dir llama-cpp-python')
+
+
+class PeerCrashed(RuntimeError):
+    """A peer's process died (a signal or an exit without an answer): reported, not fatal."""
+
+
 class LlamaCppSystem(System):
     """llama.cpp (llama-cpp-python) on the GGUF file itself: batch 1, same thread count;
-    greedy unless temperature > 0 (then plain temperature sampling, seeded)."""
+    greedy unless temperature > 0 (then plain temperature sampling, seeded).
 
-    def __init__(self, gguf: Path, n_ctx: int, threads: int, eos_ids: list[int], temperature: float):
-        from llama_cpp import Llama
+    It runs in a child process: llama-cpp-python built natively on a CPU with AMX segfaulted in
+    prompt evaluation, and a crash there must end this peer (PeerCrashed, with how to rebuild
+    it), not the whole benchmark. Timings are taken in the child, around decoding only."""
+
+    def __init__(self, gguf: Path, n_ctx: int, threads: int, eos_ids: list[int], temperature: float,
+                 worker: Callable[..., None] | None = None):
+        import multiprocessing
 
         super().__init__("llamacpp", 1)
-        self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                         n_threads_batch=threads, n_gpu_layers=0, verbose=False)
-        self.eos_ids, self.temperature = set(eos_ids), temperature
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=worker or _llamacpp_worker, daemon=True,
+                                 args=(child, str(gguf), n_ctx, threads, sorted(eos_ids), temperature))
+        self._proc.start()
+        child.close()
+        self._answer("loading the model")
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> Run:
         (prompt,) = prompts
-        self.llm.reset()  # no prompt-prefix reuse between prompts: every system prefills in full
-        self.llm.set_seed(seeds[0])
-        # top_k=1 makes the greedy path explicit; 0 / 1.0 / 0.0 switch the filters off for sampling.
-        top_k = 0 if self.temperature > 0 else 1
+        try:
+            self._conn.send((prompt, max_new_tokens, seeds[0]))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the child is gone: _answer says how
+        out, seconds, first = self._answer("decoding")
+        return Run([out], seconds, [first])
+
+    def _answer(self, doing: str):
+        try:
+            msg = self._conn.recv()
+        except (EOFError, ConnectionResetError):
+            self._proc.join(timeout=10)
+            code = self._proc.exitcode
+            how = (signal.Signals(-code).name if code is not None and code < 0
+                   else f"exit code {code}" if code is not None else "no answer")
+            raise PeerCrashed(f"llama.cpp crashed while {doing} ({how}). A llama-cpp-python built for this CPU's AMX "
+                              f"segfaults in prompt evaluation; rebuild it without AMX: {LLAMACPP_BUILD}") from None
+        if isinstance(msg, dict):
+            raise RuntimeError(f"llama.cpp failed while {doing}: {msg['error']}")
+        return msg
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self._proc.join(timeout=10)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join()
+        self._conn.close()
+
+
+def _llamacpp_worker(conn, gguf: str, n_ctx: int, threads: int, eos_ids: list[int], temperature: float) -> None:
+    """The child's loop: load the GGUF, then answer (prompt, max_new_tokens, seed) requests with
+    (generated ids, seconds, seconds to the first token) until None."""
+    try:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=gguf, n_ctx=n_ctx, n_batch=512, n_threads=threads, n_threads_batch=threads,
+                    n_gpu_layers=0, verbose=False)
+    except Exception as e:  # noqa: BLE001  (the parent raises it with its message)
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+        return
+    conn.send("ready")
+    eos = set(eos_ids)
+    # top_k=1 makes the greedy path explicit; 0 / 1.0 / 0.0 switch the filters off for sampling.
+    top_k = 0 if temperature > 0 else 1
+    while (request := conn.recv()) is not None:
+        prompt, max_new_tokens, seed = request
+        llm.reset()  # no prompt-prefix reuse between prompts: every system prefills in full
+        llm.set_seed(seed)
         out: list[int] = []
         t0 = time.perf_counter()
         first = 0.0
-        for tok in self.llm.generate(prompt, top_k=top_k, top_p=1.0, min_p=0.0, temp=self.temperature,
-                                     repeat_penalty=1.0):
+        for tok in llm.generate(prompt, top_k=top_k, top_p=1.0, min_p=0.0, temp=temperature, repeat_penalty=1.0):
             if not out:
                 first = time.perf_counter() - t0
             out.append(int(tok))
-            if len(out) >= max_new_tokens or tok in self.eos_ids:
+            if len(out) >= max_new_tokens or tok in eos:
                 break
-        return Run([out], time.perf_counter() - t0, [first])
+        conn.send((out, time.perf_counter() - t0, first))
 
 
 def _cut_at_eos(row: list[int], eos_ids: list[int]) -> list[int]:

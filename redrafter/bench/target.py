@@ -45,6 +45,12 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, confi
     loaded = load(base or "default", drafter, device=device or "cpu")
     configs = configs if loaded.drafter else []
 
+    if loaded.model.embed.weight.device.type == "cpu":  # this machine's linear tactics (measured once, cached)
+        from redrafter.runtime.tactics import use_plan
+
+        trees = [c.tree_tokens for c in configs] or [1]
+        use_plan(loaded.model, max_rows=max(batch_sizes) * max(trees), tree_sizes=trees)
+
     def new_decoder(batch: int, config: DecodeConfig | None, max_seq_len: int, fused: bool | None) -> Decoder:
         return Decoder(loaded.model, loaded.drafter if config else None, config, max_batch=batch,
                        max_seq_len=max_seq_len)
