@@ -142,15 +142,15 @@ def from_args(args: argparse.Namespace, defaults: DecodeConfig) -> DecodeConfig:
                                 if getattr(args, f.name, None) is not None})
 
 
-def sweep_from_args(args: argparse.Namespace, device: Any = "cpu") -> list[DecodeConfig]:
-    """Every combination of add_arguments' lists (sweep=True), on the device's defaults."""
-    default = DecodeConfig.for_device(device)
-    lists = {name: getattr(args, name, None) or [getattr(default, name)]  # the order bench's table keeps
+def sweep_from_args(args: argparse.Namespace, defaults: DecodeConfig) -> list[DecodeConfig]:
+    """Every combination of add_arguments' lists (sweep=True), the fields not given from `defaults`."""
+    lists = {name: getattr(args, name, None) or [getattr(defaults, name)]  # the order bench's table keeps
              for name in ("beam_width", "beam_length", "lookup_ngram", "tree")}
+    length = defaults.lookup_length if args.lookup_length is None else args.lookup_length
     out = []
     for combo in itertools.product(*lists.values()):
         values = dict(zip(lists, combo))
-        values["lookup_length"] = (args.lookup_length or 0) if values["lookup_ngram"] else 0
+        values["lookup_length"] = length if values["lookup_ngram"] else 0
         out.append(DecodeConfig(**values))
     if args.lookup_length and not any(c.lookup_ngram for c in out):
         raise ValueError("--lookup-length sets the lookup beam's length: give --lookup N too")

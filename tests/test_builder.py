@@ -18,11 +18,11 @@ from redrafter.runtime.config import DecodeConfig
 from redrafter.builder import build as build_mod
 from redrafter.builder.build import BuildOptions, build_engine
 from redrafter.builder.engine import SCHEMA_VERSION, file_checksums, load_engine, open_session
-from redrafter.builder.programs import DraftBeams
+from redrafter.builder.programs import CompiledSteps, DraftBeams
 from conftest import tiny_drafter, tiny_llama
 from redrafter.builder.quantize import GROUP, Int4Linear, Int8Linear, quantize_int4, quantize_model, quantize_weight
 from redrafter.builder.tensorrt import TensorRTUnavailable, missing_requirements
-from redrafter.runtime.decoding import Decoder, generate
+from redrafter.runtime.decoding import Decoder, Steps, generate
 from redrafter.runtime.model import causal_mask, lm_head_weight
 
 MAX_SEQ_LEN = 64
@@ -59,7 +59,7 @@ def test_engine_directory_is_complete_and_checksummed(build):
     assert cfg["format"] == "redrafter-engine" and cfg["schema_version"] == SCHEMA_VERSION
     assert cfg["base"]["vocab_size"] == cfg["drafter"]["vocab_size"] == 49152
     assert cfg["build"]["backend"] == "aoti" and cfg["build"]["quantize"] == cfg["build"]["draft_quantize"] == "none"
-    assert cfg["build"]["beam_width"] == 3 and cfg["build"]["max_seq_len"] == MAX_SEQ_LEN
+    assert cfg["build"]["decode"]["beam_width"] == 3 and cfg["build"]["max_seq_len"] == MAX_SEQ_LEN
     files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {"config.json"}
     assert set(cfg["files"]) == files
     assert {"base.safetensors", "drafter.safetensors", "programs/forward.pt2", "programs/draft.pt2",
@@ -82,7 +82,7 @@ def test_compiled_programs_run_without_the_source_model(build, tmp_path, monkeyp
     for name in ("load_base", "resolve_base", "load_tokenizer"):
         monkeypatch.setattr(loading, name, no_checkpoints)
     e = load_engine(moved)
-    assert e.decoder().model.__class__.__name__ == "CompiledBase"
+    assert isinstance(e.decoder().steps, CompiledSteps)  # every forward through the compiled program
     assert greedy(moved) == eager_tokens
 
 
@@ -466,7 +466,12 @@ def test_a_quantized_engine_drafts_with_a_quantized_copy_of_its_head(kind, head_
     assert ref.shape == got.shape and 0 < (got - ref).norm() / ref.norm() < {"int8": 0.03, "int4": 0.2}[kind]
     prompts = [[1, 5, 9, 2], [7, 3]]
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=40), prompts, 12)
-    spec = generate(Decoder(model, head, max_batch=2, max_seq_len=40, draft=draft, decode=DecodeConfig(beam_width=3, beam_length=3)),
+
+    class Drafts(Steps):  # the draft program's module, eager, as CompiledSteps runs the compiled one
+        def draft(self, *args):
+            return draft(args[2], args[3])
+
+    spec = generate(Decoder(model, head, DecodeConfig(3, 3), max_batch=2, max_seq_len=40, steps=Drafts(model)),
                     prompts, 12)
     assert [g.token_ids for g in spec] == [g.token_ids for g in plain]
 

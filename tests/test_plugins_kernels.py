@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from conftest import tiny_drafter, tiny_llama  # noqa: E402
 from redrafter.plugins import kernels, ops  # noqa: E402
 from redrafter.plugins.gpu_check import beam_slack  # noqa: E402
-from redrafter.runtime.decoding import Decoder, generate  # noqa: E402
+from redrafter.runtime.decoding import Decoder, Steps, generate  # noqa: E402
 from redrafter.runtime.drafter import DraftHead, DrafterConfig  # noqa: E402
 
 REF = ops.REFERENCES
@@ -265,6 +265,11 @@ def test_fused_step_program_with_triton_kernels_is_lossless(kernels_on_cpu):
     head = tiny_drafter(model)
     plain = generate(Decoder(model, None, max_batch=2, max_seq_len=48), PROMPTS, 8)
     step, calls = SpeculativeStep(model, head, 2, 3, plugin_ops=True), []
-    dec = Decoder(model, head, max_batch=2, max_seq_len=48, fused_step=lambda *a: calls.append(1) or step(*a), decode=DecodeConfig(beam_width=2, beam_length=3))
+
+    class Fused(Steps):  # what CompiledSteps does with the step program, eager
+        def fused(self, config):
+            return lambda *a: calls.append(1) or step(*a)
+
+    dec = Decoder(model, head, DecodeConfig(2, 3), max_batch=2, max_seq_len=48, steps=Fused(model))
     assert [g.token_ids for g in generate(dec, PROMPTS, 8)] == [g.token_ids for g in plain]
     assert calls

@@ -89,11 +89,14 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     if len(texts) < args.questions:
         notes.append(f"{args.dataset} has {len(texts)} prompts; --questions {args.questions} asked for more")
-    from redrafter.runtime.config import given, sweep_from_args
+    from redrafter.builder.engine import built_decode
+    from redrafter.runtime.config import DecodeConfig, sweep_from_args
 
-    configs = sweep_from_args(args, args.device or "cpu")
-    targets = [open_target(e, args.base, args.drafter, configs, bool(given(args)), args.batch_sizes, args.device,
-                           Path(e).name if len(args.engine) > 1 else "") for e in args.engine or [None]]
+    # Fields not given: an engine's built setting, or the device's default.
+    defaults = lambda e: built_decode(e) if e else DecodeConfig.for_device(args.device or "cpu")  # noqa: E731
+    targets = [open_target(e, args.base, args.drafter, sweep_from_args(args, defaults(e)), args.batch_sizes,
+                           args.device, Path(e).name if len(args.engine or ()) > 1 else "")
+               for e in args.engine or [None]]
     target = targets[0]
     prompts = [target.encode_chat(t) for t in texts]
     if any(t.encode_chat(texts[0]) != prompts[0] for t in targets):
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = {**target.settings, "dataset": args.dataset, "questions": len(prompts),
                 "max_new_tokens": args.max_new_tokens, "batch_sizes": args.batch_sizes,
-                "configs": [list(c.to_json().values()) for c in target.configs],
+                "configs": [[c.beam_width, c.beam_length, c.lookup_ngram, c.lookup_length, c.tree]
+                            for c in target.configs],
                 **({"engines": [t.settings for t in targets]} if len(targets) > 1 else {}),
                 "temperature": args.temperature, "seed": args.seed, "peers": args.peers, "threads": threads,
                 "reference": f"our plain {mode} decoding at batch {args.batch_sizes[0]}"}

@@ -29,13 +29,12 @@ class Target:
 
 
 def open_target(engine: str | None, base: str | None, drafter: str | None, configs: list[DecodeConfig],
-                given: bool, batch_sizes: list[int], device: str | None, name: str = "") -> Target:
-    """configs: the settings to measure (`given`: chosen on the command line; else the defaults,
-    which an engine replaces by its built setting)."""
+                batch_sizes: list[int], device: str | None, name: str = "") -> Target:
+    """configs: the settings to measure (an engine's within its built one)."""
     if engine:
         if drafter:
             raise ValueError("--engine brings its own drafter: drop --drafter (or bench --base/--drafter instead)")
-        return _engine_target(engine, base, configs if given else None, batch_sizes, device, name)
+        return _engine_target(engine, base, configs, batch_sizes, device, name)
     from redrafter.runtime.pipeline import default_drafter_dir, load
 
     drafter = None if drafter == "none" else (drafter or "default")
@@ -63,14 +62,14 @@ def open_target(engine: str | None, base: str | None, drafter: str | None, confi
                   loaded.model.embed.weight.device, settings)
 
 
-def _engine_target(path: str, base: str | None, configs: list[DecodeConfig] | None, batch_sizes: list[int],
+def _engine_target(path: str, base: str | None, configs: list[DecodeConfig], batch_sizes: list[int],
                    device: str | None, name: str) -> Target:
     from redrafter.builder.engine import load_engine
     from redrafter.runtime.loading import resolve_base
 
     engine = load_engine(path, device=device)
     o = engine.options
-    configs = (configs or [o.decode]) if engine.drafter else []
+    configs = configs if engine.drafter else []
     for c in configs:
         c.check_within(o.decode, f"the engine {path}")
     if max(batch_sizes) > o.max_batch_size:
