@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -46,6 +46,10 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .atomic import atomic_file
+
+log = logging.getLogger(__name__)
 
 MODE_ENV = "REDRAFTER_TACTICS"
 CACHE_ENV = "REDRAFTER_CACHE"
@@ -506,16 +510,8 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 def _write_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
 
 
 def plan_for(*modules: nn.Module | None, max_rows: int, tree_sizes: Iterable[int] = (),
@@ -540,6 +536,8 @@ def plan_for(*modules: nn.Module | None, max_rows: int, tree_sizes: Iterable[int
             continue
         except (KeyError, TypeError):
             pass
+        if how == "measure" and not new:  # once per machine and shape: say why this start is slower
+            log.warning("measuring this machine's linear tactics (once; cached in %s)", path.parent)
         if progress:
             progress(f"tuning {key} ({len(layers)} layers, rows {buckets})")
         shapes[key] = tune_shape(layers, buckets, timer=wall_timer if how == "measure" else None)
