@@ -140,6 +140,19 @@ class Served:
         return values[0]
 
 
+def grpc_tensors(inputs: dict[str, Any]) -> list[Any]:
+    """tritonclient gRPC input tensors of named numpy arrays."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    tensors = []
+    for name, value in inputs.items():
+        t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        t.set_data_from_numpy(value)
+        tensors.append(t)
+    return tensors
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:

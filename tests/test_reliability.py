@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
 from conftest import SERVED_MAX_SEQ_LEN as MAX_SEQ_LEN
 from conftest import SERVED_MODEL as MODEL
-from conftest import free_ports
+from conftest import free_ports, grpc_tensors
 from redrafter.runtime.config import DecodeConfig
 from redrafter.runtime.session import SamplingParams
 from redrafter.serving.protocol import MAX_STOP_WORD_BYTES, MAX_STOP_WORDS, MAX_TEXT_BYTES
@@ -137,12 +136,7 @@ class ErrorStream:
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
 
     def error(self, inputs: dict[str, np.ndarray]) -> str:
-        tensors = []
-        for name, value in inputs.items():
-            t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            t.set_data_from_numpy(value)
-            tensors.append(t)
-        self.client.async_stream_infer(MODEL, tensors)
+        self.client.async_stream_infer(MODEL, grpc_tensors(inputs))
         result, error = self.responses.get(timeout=60)
         assert error is not None, f"accepted: {sorted(inputs)}"
         return str(error)
@@ -264,12 +258,7 @@ class LongStream:
             callback=lambda result, error: self.responses.put((time.monotonic(), result, error)))
         inputs = dict(input_ids=np.array([ids], np.int32), request_output_len=np.array([[max_new]], np.int32),
                       streaming=np.array([[True]]))
-        tensors = []
-        for name, value in inputs.items():
-            t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            t.set_data_from_numpy(value)
-            tensors.append(t)
-        self.client.async_stream_infer(MODEL, tensors)
+        self.client.async_stream_infer(MODEL, grpc_tensors(inputs))
         self.tokens: list[int] = []
         self.final = False
         self.arrived = 0.0  # when the last response read arrived (time.monotonic)

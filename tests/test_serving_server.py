@@ -20,12 +20,11 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
 from conftest import SERVED_MAX_SEQ_LEN as MAX_SEQ_LEN
 from conftest import SERVED_MODEL as MODEL
 from conftest import SERVED_SLOTS as SLOTS
-from conftest import Served, free_ports
+from conftest import Served, free_ports, grpc_tensors
 from redrafter.runtime.session import SamplingParams
 
 TEXTS = ["What is the capital of France?", "Write a haiku about speculative decoding.",
@@ -41,12 +40,7 @@ class Stream:
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
 
     def send(self, **inputs: np.ndarray) -> None:
-        tensors = []
-        for name, value in inputs.items():
-            t = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            t.set_data_from_numpy(value)
-            tensors.append(t)
-        self.client.async_stream_infer(MODEL, tensors)
+        self.client.async_stream_infer(MODEL, grpc_tensors(inputs))
 
     def next(self, timeout: float = 120.0):
         result, error = self.responses.get(timeout=timeout)
