@@ -91,7 +91,7 @@ def test_beam_draft_op_rejects_bad_arguments():
 
 
 def test_packed_attention_in_the_model_matches_dense_masked_attention():
-    """The model's forward with use_plugins (redrafter::packed_attention per layer) equals the
+    """The forward through PluginSteps (redrafter::packed_attention per layer) equals the
     dense-mask forward, for rows with different committed lengths and a packed tree."""
     model = tiny_llama()
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def test_packed_attention_in_the_model_matches_dense_masked_attention():
     p = pack_beams(beams)
     positions = starts[:, None] + p.depth
     dense = model(p.tokens, positions, cache_a, slots, starts, p.mask)
-    plug = model(p.tokens, positions, cache_b, slots, starts, p.mask, use_plugins=True)
+    plug = PluginSteps(model).forward(p.tokens, positions, cache_b, slots, starts, p.mask)
     torch.testing.assert_close(plug, dense, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache_b.k, cache_a.k)  # the new entries were written the same way
 
