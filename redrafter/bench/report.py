@@ -16,8 +16,12 @@ from redrafter.runtime.atomic import atomic_file
 
 
 def machine_info(threads: int) -> dict:
+    """What a figure depends on: the machine signature tactics are measured against, and more."""
+    from redrafter.runtime.tactics import machine_signature
+
+    signature = machine_signature()
     return {
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "threads": threads,
+        "cpu": signature["cpu"], "cpu_flags": signature["flags"], "cores": os.cpu_count(), "threads": threads,
         "torch": torch.__version__, "transformers": _version("transformers"),
         "llama_cpp_python": _version("llama-cpp-python"), "python": platform.python_version(),
         "platform": platform.platform(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -31,16 +35,6 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def _version(dist: str) -> str | None:
